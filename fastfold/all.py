@@ -7,5 +7,5 @@ Docs: https://fastfold.github.io/fastfold/all.html.md"""
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/99_all.ipynb #d6202582
+# %% ../nbs/99_all.ipynb #03ba394a
 from .fold import *
