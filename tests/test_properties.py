@@ -1,0 +1,55 @@
+"""Property-based tests: random layer configurations fold exactly.
+
+For random Conv/ConvTranspose (1-3d, groups, stride, dilation, padding and padding modes, bias or not) and Linear
+layers followed by a BN with random statistics (affine or not), and random `BN -> Dropout -> Linear` heads, the
+folded float32 model must match a float64 evaluation of the original to float32 rounding.
+"""
+import copy
+import torch
+from torch import nn
+from hypothesis import given, settings, strategies as st, HealthCheck
+from fastfold.fold import BN_Folder, bn_layers, randomize_bn
+
+SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+def assert_folds_exactly(model, x, seed):
+    randomize_bn(model, seed=seed).eval()
+    ref = copy.deepcopy(model).double()
+    folded = BN_Folder().fold(model)
+    assert not bn_layers(folded)
+    with torch.no_grad(): want,got = ref(x.double()),folded(x).double()
+    tol = 1e-5 * want.abs().max().item() + 1e-6
+    assert (want - got).abs().max().item() <= tol
+
+@st.composite
+def conv_bn(draw):
+    dims = draw(st.integers(1, 3))
+    transposed = draw(st.booleans())
+    groups = draw(st.sampled_from([1, 2, 3]))
+    cin, cout = groups*draw(st.integers(1, 3)), groups*draw(st.integers(1, 3))
+    k = draw(st.integers(1, 3)); stride = draw(st.integers(1, 2)); dilation = draw(st.integers(1, 2))
+    bias = draw(st.booleans()); affine = draw(st.booleans())
+    if transposed:
+        layer = getattr(nn, f'ConvTranspose{dims}d')(cin, cout, k, stride=stride, dilation=dilation, groups=groups, bias=bias,
+                                                    padding=draw(st.integers(0, (k-1)*dilation//2)),
+                                                    output_padding=draw(st.integers(0, max(stride, dilation)-1)))
+    else:
+        mode = draw(st.sampled_from(['zeros', 'reflect', 'replicate', 'circular']))
+        layer = getattr(nn, f'Conv{dims}d')(cin, cout, k, stride=stride, dilation=dilation, groups=groups, bias=bias,
+                                           padding=draw(st.integers(0, 1)), padding_mode=mode)
+    bn = getattr(nn, f'BatchNorm{dims}d')(cout, affine=affine, eps=draw(st.sampled_from([1e-5, 1e-3, 0.1])))
+    size = 6 if dims < 3 else 5
+    return nn.Sequential(layer, bn), torch.randn(2, cin, *[size]*dims)
+
+@SETTINGS
+@given(conv_bn(), st.integers(0, 2**16))
+def test_conv_then_bn_folds_exactly(case, seed):
+    model, x = case
+    assert_folds_exactly(model, x, seed)
+
+@SETTINGS
+@given(st.integers(1, 12), st.integers(1, 12), st.booleans(), st.booleans(), st.booleans(), st.integers(0, 2**16))
+def test_linear_bn_in_either_order_folds_exactly(nin, nout, bias, affine, bn_first, seed):
+    if bn_first: model = nn.Sequential(nn.BatchNorm1d(nin, affine=affine), nn.Dropout(0.3), nn.Linear(nin, nout, bias=bias))
+    else: model = nn.Sequential(nn.Linear(nin, nout, bias=bias), nn.BatchNorm1d(nout, affine=affine))
+    assert_folds_exactly(model, torch.randn(4, nin), seed)
