@@ -7,5 +7,9 @@ Docs: https://fastfold.github.io/fastfold/all.html.md"""
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/99_all.ipynb #03ba394a
+# %% ../nbs/99_all.ipynb #45f35470
+from . import fold
 from .fold import *
+
+# %% ../nbs/99_all.ipynb #19bdf30f
+__all__ = [*fold.__all__]
