@@ -7,9 +7,9 @@ Docs: https://fastfold.github.io/fastfold/all.html.md"""
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/99_all.ipynb #45f35470
+# %% ../nbs/99_all.ipynb #a71e4cae
 from . import fold
 from .fold import *
 
-# %% ../nbs/99_all.ipynb #19bdf30f
+# %% ../nbs/99_all.ipynb #f3d03625
 __all__ = [*fold.__all__]

@@ -32,7 +32,7 @@ def render(nb:dict) -> str:
         if cell['cell_type'] == 'markdown': parts.append(src.strip()); continue
         if _hidden(src): continue
         code = _strip_directives(src)
-        if code: parts.append(f'```python\n{code}\n```')
+        if code and not re.search(r'^#\|\s*echo:\s*false', src, re.M): parts.append(f'```python\n{code}\n```')
         for o in cell.get('outputs', []):
             t = _output_text(o)
             if isinstance(t, tuple): parts.append(t[1].strip())
