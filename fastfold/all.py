@@ -7,9 +7,10 @@ Docs: https://fastfold.github.io/fastfold/all.html.md"""
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/99_all.ipynb #a71e4cae
-from . import fold
+# %% ../nbs/99_all.ipynb #1c1925bf
+from . import fold, freeze
 from .fold import *
+from .freeze import *
 
-# %% ../nbs/99_all.ipynb #f3d03625
-__all__ = [*fold.__all__]
+# %% ../nbs/99_all.ipynb #02796c4f
+__all__ = [*fold.__all__, *freeze.__all__]

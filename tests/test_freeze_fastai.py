@@ -1,0 +1,229 @@
+"`FreezeBN` against the heavier fastai machinery: `vision_learner` + `fine_tune`, one-cycle, mixed precision, gradient accumulation, channels last, SyncBatchNorm and timm's BatchNormAct2d."
+import warnings
+import pytest, torch
+from torch import nn
+from torch.utils.data import TensorDataset
+from fastcore.basics import ifnone
+from fastai.data.core import DataLoaders
+from fastai.learner import Learner
+from fastai.losses import CrossEntropyLossFlat
+from fastai.callback.core import Callback
+from fastai.callback.training import GradientAccumulation
+from fastai.callback.fp16 import MixedPrecision  # patches `Learner.to_fp16`/`to_bf16`
+from fastai.callback.channelslast import ChannelsLast  # patches `Learner.to_channelslast`
+from fastai.callback.schedule import fit_one_cycle  # patches `Learner.fit_one_cycle`/`fine_tune`
+from fastai.torch_core import params
+from fastai.vision.learner import vision_learner
+from torchvision.models import resnet18
+from timm.layers import BatchNormAct2d, SyncBatchNormAct, convert_sync_batchnorm as timm_convert_sync_batchnorm
+from fastfold.freeze import FreezeBN, freezable_bn_layers
+
+@pytest.fixture(autouse=True, scope='module')
+def one_torch_thread():
+    "These tensors are tiny: one thread is faster than two, and much faster on a busy 2-core machine"
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+def image_dls(n=16, bs=4, size=32, seed=0):
+    "Random 3x`size`x`size` images labelled by which of the first two channels is brighter"
+    g = torch.Generator().manual_seed(seed)
+    def ds(n):
+        x = torch.randn(n, 3, size, size, generator=g)
+        return TensorDataset(x, (x[:,0].mean((1,2)) > x[:,1].mean((1,2))).long())
+    return DataLoaders.from_dsets(ds(n), ds(n//2), bs=bs, device='cpu')
+
+def conv_bn_net(bn=nn.BatchNorm2d, **bn_kw):
+    "Conv body with 2d BN, pooled head with a BatchNorm1d"
+    return nn.Sequential(
+        nn.Sequential(nn.Conv2d(3,8,3,stride=2,padding=1), bn(8, **bn_kw), nn.ReLU(),
+                      nn.Conv2d(8,8,3,stride=2,padding=1), bn(8, **bn_kw), nn.ReLU()),
+        nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.BatchNorm1d(8), nn.Linear(8,2)))
+
+def pretend_pretrained(model):
+    "Non-trivial BN statistics and parameters, as a pretrained model has"
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for bn in freezable_bn_layers(model):
+            if bn.running_mean is not None: bn.running_mean.uniform_(-1,1); bn.running_var.uniform_(0.5,2)
+            if bn.weight is not None: bn.weight.uniform_(0.5,1.5); bn.bias.uniform_(-0.5,0.5)
+    return model
+
+def conv_learner(model=None, **kwargs):
+    model = pretend_pretrained(model if model is not None else conv_bn_net())
+    return Learner(image_dls(), model, loss_func=CrossEntropyLossFlat(), lr=1e-2,
+                   splitter=lambda m: [params(m[0]), params(m[1])], **kwargs)
+
+class BNProbe(Callback):
+    "At each training batch, record the mode of every BN layer and the `requires_grad` of every BN parameter"
+    order = 50
+    def __init__(self, part=None): self.part = part  # look only at the BN in this part of the model
+    def before_fit(self): self.modes,self.bn_grads,self.types = [],[],set()
+    def after_pred(self):
+        if not self.training: return
+        bns = freezable_bn_layers(ifnone(self.part, self.learn.model))
+        self.modes += [bn.training for bn in bns]
+        self.bn_grads += [p.requires_grad for bn in bns for p in bn.parameters(recurse=False)]
+        self.types |= {type(bn) for bn in bns}
+
+def bn_tensors(model):
+    return [t.detach().clone() for bn in freezable_bn_layers(model) for t in (*bn.parameters(recurse=False), *bn.buffers(recurse=False))]
+
+def other_params(model):
+    bn_ids = {id(p) for bn in freezable_bn_layers(model) for p in bn.parameters(recurse=False)}
+    return [(n, p.detach().clone()) for n,p in model.named_parameters() if id(p) not in bn_ids]
+
+def flags(model): return [p.requires_grad for p in model.parameters()]
+
+def check_frozen_fit(learn, fit, bn_model=None, changed=True, unused=()):
+    "Run `fit` and check every BN of `bn_model` stayed frozen, the other weights moved and the flags came back"
+    probe = BNProbe(bn_model)
+    bn_model = ifnone(bn_model, learn.model)
+    learn.add_cb(probe)
+    bn0,other0,flags0 = bn_tensors(bn_model),other_params(learn.model),flags(learn.model)
+    assert len(bn0) > 0
+    fit()
+    assert probe.modes and not any(probe.modes), 'a BN layer was in train mode during a training batch'
+    assert not any(probe.bn_grads), 'a BN parameter required grad during a training batch'
+    for a,b in zip(bn_tensors(bn_model), bn0): assert torch.equal(a, b)
+    if changed:
+        unchanged = [n for (n,a),(_,b) in zip(other_params(learn.model), other0) if torch.equal(a, b) and n not in unused]
+        assert not unchanged, f'weights that did not train: {unchanged}'
+    assert flags(learn.model) == flags0
+    learn.remove_cb(probe)
+    return probe
+
+def test_vision_learner_fine_tune():
+    "`fine_tune(n, freeze_epochs=m)` with fastai's default `train_bn=True`: both fits frozen, flags as `unfreeze` left them"
+    learn = vision_learner(image_dls(), resnet18, pretrained=False, n_out=2, loss_func=CrossEntropyLossFlat(), cbs=FreezeBN())
+    pretend_pretrained(learn.model)
+    check_frozen_fit(learn, lambda: learn.fine_tune(1, freeze_epochs=1))
+    assert all(flags(learn.model))
+
+def test_vision_learner_body_only():
+    "Freezing only the body (`learn.model[0]`) keeps the head's BN live"
+    learn = vision_learner(image_dls(), resnet18, pretrained=False, n_out=2, loss_func=CrossEntropyLossFlat())
+    pretend_pretrained(learn.model)
+    head0 = bn_tensors(learn.model[1])
+    head_probe = BNProbe(learn.model[1])
+    check_frozen_fit(learn, lambda: learn.fine_tune(1, freeze_epochs=1, cbs=[FreezeBN(learn.model[0]), head_probe]),
+                     bn_model=learn.model[0], changed=False)
+    assert len(freezable_bn_layers(learn.model[1])) == 2 and head_probe.modes and all(head_probe.modes)
+    assert not any(torch.equal(a, b) for a,b in zip(bn_tensors(learn.model[1]), head0) if a.dtype.is_floating_point)
+
+def test_fit_one_cycle_with_weight_decay():
+    "`fit_one_cycle` with weight decay on BN parameters too: still bit-identical"
+    learn = conv_learner(cbs=FreezeBN(), wd=0.1, wd_bn_bias=True)
+    check_frozen_fit(learn, lambda: learn.fit_one_cycle(2))
+
+def test_train_bn_false_and_freeze():
+    "`freeze()` with `train_bn=False`: fastai freezes the body BN, FreezeBN the head BN; flags come back as fastai set them"
+    learn = conv_learner(cbs=FreezeBN(), train_bn=False)
+    learn.freeze()
+    flags0 = flags(learn.model)
+    check_frozen_fit(learn, lambda: learn.fit(1), changed=False)
+    assert flags0 == [False]*8 + [True]*4   # body: 2 convs + 2 BN (weight, bias); head: BN1d + Linear
+
+def _amp_active(learn, fit):
+    "Run `fit` and return whether the model's convolutions really computed in reduced precision"
+    dtypes = set()
+    hook = learn.model[0][0].register_forward_hook(lambda m,i,o: dtypes.add(o.dtype))
+    try: fit()
+    finally: hook.remove()
+    return dtypes != {torch.float32}
+
+@pytest.mark.parametrize('to_amp', ['to_fp16', 'to_bf16'])
+def test_mixed_precision(to_amp):
+    learn = getattr(conv_learner(cbs=FreezeBN()), to_amp)()
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', message='.*CUDA is not available.*')
+        active = _amp_active(learn, lambda: check_frozen_fit(learn, lambda: learn.fit_one_cycle(1)))
+    if not active:
+        pytest.skip(f"{to_amp}: fastai's MixedPrecision autocasts on 'cuda' only, so without a GPU it trains in float32 "
+                    "(FreezeBN's checks passed with the callback attached, but mixed precision itself did not run)")
+
+class CPUAutocast(Callback):
+    "bfloat16 autocast on CPU, the way fastai's `MixedPrecision` autocasts on CUDA"
+    order = MixedPrecision.order
+    def before_batch(self): self.autocast = torch.autocast('cpu', dtype=torch.bfloat16); self.autocast.__enter__()
+    def after_pred(self): self.learn.pred = self.pred.float()
+    def after_loss(self): self.autocast.__exit__(None, None, None)
+
+def test_cpu_bf16_autocast():
+    "Real bfloat16 mixed precision on CPU (torch's CPU autocast, since fastai's only autocasts on CUDA)"
+    learn = conv_learner(cbs=[FreezeBN(), CPUAutocast()])
+    assert _amp_active(learn, lambda: check_frozen_fit(learn, lambda: learn.fit_one_cycle(1)))
+
+def test_gradient_accumulation():
+    learn = conv_learner(cbs=[FreezeBN(), GradientAccumulation(n_acc=16)])
+    check_frozen_fit(learn, lambda: learn.fit(1))
+
+def test_channels_last():
+    learn = conv_learner(cbs=FreezeBN()).to_channelslast(use_amp=False)
+    formats = []
+    class Fmt(Callback):
+        def after_pred(self): formats.append(self.learn.model[0][0].weight.is_contiguous(memory_format=torch.channels_last))
+    check_frozen_fit(learn, lambda: learn.fit(1, cbs=Fmt()))
+    assert formats and all(formats)
+
+def test_affine_false():
+    learn = conv_learner(conv_bn_net(affine=False), cbs=FreezeBN())
+    check_frozen_fit(learn, lambda: learn.fine_tune(1, freeze_epochs=1))
+
+def test_sync_batchnorm_model():
+    "A model whose BN is `SyncBatchNorm` (single process: in eval mode it runs on CPU)"
+    learn = conv_learner(nn.SyncBatchNorm.convert_sync_batchnorm(conv_bn_net()), cbs=FreezeBN())
+    probe = check_frozen_fit(learn, lambda: learn.fit_one_cycle(1))
+    assert probe.types == {nn.SyncBatchNorm}
+
+class ConvertSyncBN(Callback):
+    "What fastai's `DistributedTrainer(sync_bn=True)` does to the model at `before_fit` (order 11), without the DDP wrap"
+    order = 11
+    def before_fit(self): self.learn.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+
+def test_bn_converted_to_sync_bn_during_before_fit():
+    "BN replaced by new `SyncBatchNorm` modules after FreezeBN's `before_fit` is still frozen"
+    learn = conv_learner(cbs=[FreezeBN(), ConvertSyncBN()])
+    probe = check_frozen_fit(learn, lambda: learn.fit(2))
+    assert probe.types == {nn.SyncBatchNorm}
+
+def timm_bn_act_net(bn=BatchNormAct2d):
+    return nn.Sequential(
+        nn.Sequential(nn.Conv2d(3,8,3,stride=2,padding=1), bn(8, drop_layer=nn.Dropout),
+                      nn.Conv2d(8,8,3,stride=2,padding=1), bn(8, act_layer=nn.SiLU)),
+        nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8,2)))
+
+def test_timm_batchnorm_act():
+    "timm's `BatchNormAct2d`: frozen, while its dropout child keeps training"
+    learn = conv_learner(timm_bn_act_net(), cbs=FreezeBN())
+    drop_modes = []
+    class Drop(Callback):
+        def after_pred(self):
+            if self.training: drop_modes.append(self.learn.model[0][1].drop.training)
+    probe = check_frozen_fit(learn, lambda: learn.fit_one_cycle(1, cbs=Drop()))
+    assert probe.types == {BatchNormAct2d} and drop_modes and all(drop_modes)
+
+def test_timm_sync_batchnorm_act():
+    learn = conv_learner(timm_convert_sync_batchnorm(timm_bn_act_net()), cbs=FreezeBN())
+    probe = check_frozen_fit(learn, lambda: learn.fit(1))
+    assert probe.types == {SyncBatchNormAct}
+
+def test_timm_model_via_vision_learner():
+    "A timm architecture built by `vision_learner` (its BN layers are timm's `BatchNormAct2d`)"
+    learn = vision_learner(image_dls(), 'mobilenetv3_small_050', pretrained=False, n_out=2,
+                           loss_func=CrossEntropyLossFlat(), cbs=FreezeBN())
+    pretend_pretrained(learn.model)
+    # fastai's timm body stops at `forward_features`, so the model's own `conv_head` is never used
+    probe = check_frozen_fit(learn, lambda: learn.fine_tune(1, freeze_epochs=1),
+                             unused=('0.model.conv_head.weight', '0.model.conv_head.bias'))
+    assert BatchNormAct2d in probe.types
+
+def test_lr_find(tmp_path):
+    "`lr_find` trains (then reloads its saved weights) with BN frozen, and ends with the flags given back"
+    probe = BNProbe()
+    learn = conv_learner(cbs=[FreezeBN(), probe], path=tmp_path)
+    flags0 = flags(learn.model)
+    learn.lr_find(num_it=10, show_plot=False)
+    assert len(probe.modes) >= 3*6 and not any(probe.modes)
+    assert flags(learn.model) == flags0
