@@ -7,10 +7,11 @@ Docs: https://fastfold.github.io/fastfold/all.html.md"""
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/99_all.ipynb #1c1925bf
-from . import fold, freeze
+# %% ../nbs/99_all.ipynb #7513c26c
+from . import fold, freeze, export
 from .fold import *
 from .freeze import *
+from .export import *
 
-# %% ../nbs/99_all.ipynb #02796c4f
-__all__ = [*fold.__all__, *freeze.__all__]
+# %% ../nbs/99_all.ipynb #759600c1
+__all__ = [*fold.__all__, *freeze.__all__, *export.__all__]
