@@ -37,7 +37,7 @@ def bn_scale_shift(mean:Tensor, # BN running mean
     if bias is not None: shift = shift + bias.double()
     return scale, shift
 
-# %% ../nbs/00_fold.ipynb #b6c373a2
+# %% ../nbs/00_fold.ipynb #86e23288
 def scale_out_channels(w:Tensor, # layer weight: `(out, in/groups, *k)`, or `(in, out/groups, *k)` if `transposed`
                        scale:Tensor, # one factor per output channel
                        transposed:bool=False, # is `w` a ConvTranspose weight?
@@ -45,10 +45,11 @@ def scale_out_channels(w:Tensor, # layer weight: `(out, in/groups, *k)`, or `(in
                        out:Tensor|None=None, # where to write the result (computed in the promoted dtype, then cast)
                       ) -> Tensor:
     "`w` with each output channel's slice multiplied by its `scale`"
-    if not transposed: return torch.mul(w, scale.reshape(-1, *[1]*(w.ndim-1)), out=out)
-    cin,cout_g = w.shape[:2]
-    wg = w.reshape(groups, cin//groups, cout_g, *w.shape[2:])
-    res = (wg * scale.reshape(groups, 1, cout_g, *[1]*(w.ndim-2))).reshape(w.shape)
+    w64 = w.to(scale.dtype, copy=True) # a copy: `w` itself is never written to
+    if not transposed: res = w64.mul_(scale.reshape(-1, *[1]*(w.ndim-1)))
+    else:
+        cin,cout_g = w.shape[:2]
+        res = w64.view(groups, cin//groups, cout_g, *w.shape[2:]).mul_(scale.reshape(groups, 1, cout_g, *[1]*(w.ndim-2))).view(w.shape)
     return res if out is None else out.copy_(res)
 
 # %% ../nbs/00_fold.ipynb #c03a2e53
@@ -63,7 +64,7 @@ def fold_bn_after(w:Tensor, # weight of the layer that feeds the BN
     "`(weight, bias)` of `layer -> BN` as one layer, computed in float64 (`scale` and `shift` are float64)"
     return scale_out_channels(w, scale, transposed, groups, out=out), shift if b is None else b*scale + shift
 
-# %% ../nbs/00_fold.ipynb #21705abe
+# %% ../nbs/00_fold.ipynb #3adfbd83
 def fold_bn_before(w:Tensor, # weight of the Linear the BN feeds, `(out, in)`
                    b:Tensor|None, # its bias, or `None`
                    scale:Tensor, # from `bn_scale_shift`, one per input feature
@@ -71,8 +72,10 @@ def fold_bn_before(w:Tensor, # weight of the Linear the BN feeds, `(out, in)`
                    out:Tensor|None=None, # where to write the weight (default: a new float64 tensor)
                   ) -> tuple[Tensor,Tensor]:
     "`(weight, bias)` of `BN -> Linear` as one Linear, computed in float64 (`scale` and `shift` are float64)"
-    wt = w.double()@shift
-    return torch.mul(w, scale, out=out), wt if b is None else b + wt
+    w64 = w.to(scale.dtype, copy=True)
+    wt = w64@shift
+    res = w64.mul_(scale)
+    return res if out is None else out.copy_(res), wt if b is None else b + wt
 
 # %% ../nbs/00_fold.ipynb #35998dd7
 class BNFlavour(NamedTuple):
