@@ -5,7 +5,7 @@ import pandas as pd, pytest, torch
 from torch import nn
 from fastfold.bench import (CSV_COLUMNS, BenchError, bench, format_table, plot_relative, calibrate_bn, targets,
                             write_csv)
-from fastfold.fold import bn_layers
+from fastfold.layers import bn_layers
 
 BENCH = Path(sys.executable).parent/'fastfold-bench'
 FAST = dict(reps=2, warmup=1, min_time=0, fold_reps=1, progress=False)

@@ -11,7 +11,8 @@ from fastai.data.transforms import get_image_files, parent_label, RandomSplitter
 from fastai.data.external import untar_data, URLs
 from fastai.learner import Learner, load_learner
 from fastai.vision.all import ImageBlock, Resize, vision_learner, resnet18
-from fastfold.fold import bn_layers, n_params, FoldReport, FoldCheckError
+from fastfold.layers import bn_layers
+from fastfold.fold import n_params, FoldReport, FoldCheckError
 from fastfold.freeze import FreezeBN
 from fastfold.export import *
 from fastfold.export import _fastai_export

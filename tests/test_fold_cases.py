@@ -6,6 +6,7 @@ from torch.nn.utils import parametrizations
 from torchvision.ops.misc import FrozenBatchNorm2d
 from timm.layers import BatchNormAct2d, StdConv2d
 from timm.layers.norm_act import FrozenBatchNormAct2d, convert_sync_batchnorm
+from fastfold.layers import *
 from fastfold.fold import *
 
 def check_fold(model, x, n_folded, n_left=0, rtol=1e-5):

@@ -8,7 +8,8 @@ import copy
 import torch
 from torch import nn
 from hypothesis import given, settings, strategies as st, HealthCheck
-from fastfold.fold import BN_Folder, bn_layers, randomize_bn
+from fastfold.layers import bn_layers
+from fastfold.fold import BN_Folder, randomize_bn
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

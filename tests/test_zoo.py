@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch.fx.experimental.optimization import fuse
 from fastai.vision.all import xresnet18, xresnet50, create_vision_model, create_unet_model
 from fastai.tabular.model import TabularModel
-from fastfold.fold import BN_Folder, bn_layers, is_bn, randomize_bn
+from fastfold.layers import bn_layers, is_bn
+from fastfold.fold import BN_Folder, randomize_bn
 
 pytestmark = pytest.mark.slow
 
