@@ -13,10 +13,9 @@ import torch, torch.fx as fx
 from torch import nn, Tensor
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 from torch.nn.modules.dropout import _DropoutNd
-from torch.nn.utils import parametrize
 from .core import one_line
 from .layers import *
-from .layers import _lookup, _Overridden
+from .layers import _Overridden, _hooked, _n_out
 
 # %% auto #0
 __all__ = ['bn_scale_shift', 'scale_out_channels', 'fold_bn_after', 'fold_bn_before', 'traced_graphs', 'FoldedPair', 'LeftBN',
@@ -127,19 +126,6 @@ class LeftBN:
     reason: str
 
 # %% ../nbs/02_fold.ipynb #8b4a2dab
-def _hooked(m): return bool(m._forward_hooks or m._forward_pre_hooks or getattr(m, '_backward_hooks', None)
-                            or getattr(m, '_forward_hooks_with_kwargs', None))
-
-def _layer_problem(m:nn.Module) -> str|None:
-    "Why `m` cannot absorb a BN, or `None`"
-    found = _lookup(m, FOLDABLE_LAYERS)
-    if found is None: return f'`{type(m).__name__}` is not a Conv, ConvTranspose or Linear'
-    if isinstance(found, _Overridden): return f'`{found.name}` overrides `forward` (see `FOLDABLE_LAYERS`)'
-    if isinstance(m.weight, nn.parameter.UninitializedParameter): return 'its layer is an uninitialized lazy module'
-    if parametrize.is_parametrized(m): return 'its layer has parametrizations (e.g. weight norm)'
-    if _hooked(m): return 'its layer has hooks'
-    return None
-
 def _bn_problem(bn:nn.Module) -> str|None:
     "Why `bn` cannot be folded, whatever its neighbours, or `None`"
     fl = bn_flavour(bn)
@@ -149,8 +135,6 @@ def _bn_problem(bn:nn.Module) -> str|None:
     if isinstance(bn.running_mean, nn.parameter.UninitializedBuffer): return 'uninitialized lazy module'
     if _hooked(bn): return 'it has hooks'
     return None
-
-def _out_channels(m): return m.out_features if isinstance(m, nn.Linear) else m.out_channels
 
 # %% ../nbs/02_fold.ipynb #17585c23
 def _call_counts(graphs):
@@ -171,7 +155,9 @@ def _single_input(n:fx.Node) -> fx.Node|None:
     return n.args[0] if len(n.args) == 1 and not n.kwargs and isinstance(n.args[0], fx.Node) else None
 
 # %% ../nbs/02_fold.ipynb #29361c1d
-def find_pairs(model:nn.Module) -> tuple[list[FoldedPair], list[LeftBN], list[tuple[str,str]]]:
+def find_pairs(model:nn.Module, # the model to read, in eval mode
+               ran:set|None=None, # ids of the modules that ran on a sample input, when one was run
+              ) -> tuple[list[FoldedPair], list[LeftBN], list[tuple[str,str]]]:
     "Foldable `(layer, BN)` pairs in `model`'s data flow, the BNs left with their reasons, and untraceable modules"
     graphs,untraceable = traced_graphs(model)
     counts = _call_counts(graphs)
@@ -193,11 +179,17 @@ def find_pairs(model:nn.Module) -> tuple[list[FoldedPair], list[LeftBN], list[tu
             if pair: pairs.append(FoldedPair(q(pair[0]), q(n.target), pair[1]))
             else: left.append(LeftBN(q(n.target), reason))
     for name,m in bn_layers(model):
-        if id(m) not in seen:
-            inside = [u for u,_ in untraceable if u == '' or name.startswith(u+'.')]
-            left.append(LeftBN(name, f'inside untraceable `{inside[-1] or "model"}`, not reached by tracing' if inside
-                               else 'never called in `forward`'))
+        if id(m) not in seen: left.append(LeftBN(name, _unreached(name, m, graphs, untraceable, ran)))
     return pairs, left, untraceable
+
+def _unreached(name, bn, graphs, untraceable, ran) -> str:
+    "Why the BN `name` is in no traced graph: its innermost traced ancestor never calls it, or it is inside an untraceable one"
+    def holds(a): return a == '' or name.startswith(a+'.')
+    traced = [p for p,_,_ in graphs if holds(p)]
+    a = max(traced + [u for u,_ in untraceable if holds(u)], key=len)
+    if a in traced: return f'never called in the `forward` of `{a}`' if a else 'never called in `forward`'
+    if ran is not None and id(bn) not in ran: return 'never called on the sample input'
+    return f'inside untraceable `{a or "model"}`, not reached by tracing'
 
 # %% ../nbs/02_fold.ipynb #fa4a2fc0
 def _pair_after(n, bn, root, shared):
@@ -205,12 +197,12 @@ def _pair_after(n, bn, root, shared):
     p = _single_input(n)
     if p is None or p.op != 'call_module': return None, None
     layer = root.get_submodule(p.target)
-    if _lookup(layer, FOLDABLE_LAYERS) is None: return None, None
-    if (why := _layer_problem(layer)): return None, why
+    if not isinstance(layer, (_ConvNd, nn.Linear)): return None, None
     if len(p.users) > 1: return None, f'the output of `{p.target}` also feeds {", ".join(_describe(u, root) for u in p.users if u is not n)}'
     if shared(layer): return None, f'`{p.target}` is called more than once'
-    if _out_channels(layer) != bn.running_mean.numel(): return None, f'`{p.target}` has {_out_channels(layer)} outputs, the BN {bn.running_mean.numel()}'
+    if _n_out(layer) != bn.running_mean.numel(): return None, f'`{p.target}` has {_n_out(layer)} outputs, the BN {bn.running_mean.numel()}'
     if isinstance(layer, nn.Linear) and bn_flavour(bn).ndim not in (None, 1): return None, 'a Linear feeds a BN of more than one feature dim'
+    if (why := layer_problem(layer, 'after')): return None, why # last: it may run the layer's `forward` on meta tensors
     return (p.target, 'after'), None
 
 def _pair_before(n, bn, root, shared):
@@ -224,7 +216,7 @@ def _pair_before(n, bn, root, shared):
         if isinstance(m, _DropoutNd) and not _hooked(m): cur = u; continue
         if isinstance(m, nn.Linear):
             if bn_flavour(bn).tail is not identity_tail: return None, 'it has an activation inside, which must come before the Linear'
-            if (why := _layer_problem(m)): return None, why
+            if (why := layer_problem(m, 'before')): return None, why
             if shared(m): return None, f'`{u.target}` is called more than once'
             if m.in_features != bn.running_mean.numel(): return None, f'`{u.target}` takes {m.in_features} features, the BN gives {bn.running_mean.numel()}'
             return (u.target, 'before'), None
@@ -366,9 +358,9 @@ class BN_Folder:
         _check_model(model)
         args = sample if isinstance(sample, tuple) else (sample,)
         with _eval_mode(model):
-            pairs,left,untraceable = find_pairs(model)
-            if sample is not None: # before any change: with `inplace` the model itself is folded
-                with torch.inference_mode(): expected = model(*args)
+            ran = None
+            if sample is not None: expected,ran = _run_recording_calls(model, args) # before any change: `inplace` folds `model`
+            pairs,left,untraceable = find_pairs(model, ran)
         edits = fold_plan(model, pairs)
         n_before = n_params(model)
         out = model if inplace else _copy_for_fold(model, pairs, edits)
@@ -393,6 +385,14 @@ class BN_Folder:
         if not diff <= tol:
             raise FoldCheckError(f'folded model differs from the original: max |difference| {diff:.3g} > tolerance {tol:.3g} '
                                  f'(largest |output| {scale:.3g}, rtol={rtol}, atol={self.atol})\n{self.report}')
+
+def _run_recording_calls(model, args):
+    "`model(*args)` under `inference_mode`, and the ids of the modules it called (with a global hook: `model` is not touched)"
+    ran = set()
+    h = nn.modules.module.register_module_forward_pre_hook(lambda m, a: ran.add(id(m)))
+    try:
+        with torch.inference_mode(): return model(*args), ran
+    finally: h.remove()
 
 def _copy_for_fold(model, pairs, edits):
     "One deepcopy of `model`, skipping what the fold replaces anyway (unless it is tied or registered elsewhere)"

@@ -1,4 +1,4 @@
-"""What fastfold knows about layers: the BatchNorm flavours, the layers that can absorb a BN, and how it checks a layer's own `forward`.
+"""What fastfold knows about layers: the BatchNorm flavours it can fold, and whether a layer can absorb a BN exactly, decided by looking at what the layer's own `forward` computes.
 
 Docs: https://fastfold.github.io/fastfold/layers.html.md"""
 
@@ -6,14 +6,21 @@ Docs: https://fastfold.github.io/fastfold/layers.html.md"""
 
 # %% ../nbs/01_layers.ipynb #947a7896
 from __future__ import annotations
+import copy
 from collections import OrderedDict
 from typing import Callable, NamedTuple
-import torch
+import torch, torch.nn.functional as F
 from torch import nn, Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
+from torch.nn.utils import parametrize
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
+from .core import one_line
 
 # %% auto #0
-__all__ = ['BN_FLAVOURS', 'FOLDABLE_LAYERS', 'BNFlavour', 'identity_tail', 'act_tail', 'bn_flavour', 'is_bn', 'bn_layers']
+__all__ = ['BN_FLAVOURS', 'FOLDABLE_LAYERS', 'BNFlavour', 'identity_tail', 'act_tail', 'bn_flavour', 'is_bn', 'bn_layers',
+           'TorchCall', 'meta_copy', 'forward_calls', 'layer_op', 'forward_problem', 'layer_problem']
 
 # %% ../nbs/01_layers.ipynb #35998dd7
 class BNFlavour(NamedTuple):
@@ -41,21 +48,15 @@ BN_FLAVOURS = {
     'timm.layers.norm_act.FrozenBatchNormAct2d': BNFlavour(act_tail, 2),
 }
 
-# %% ../nbs/01_layers.ipynb #af0a68c9
-FOLDABLE_LAYERS = {nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
-                   nn.Linear, 'timm.layers.conv2d_same.Conv2dSame'}
-
 # %% ../nbs/01_layers.ipynb #124424f4
-class _Overridden(NamedTuple): name: str # a subclass of a registered class that overrides its `forward`
+class _Overridden(NamedTuple): name: str # a subclass of a registered BN class that overrides its `forward`
 
-def _lookup(m:nn.Module, registry):
+def _lookup(m:nn.Module, registry:dict):
     "Registry entry for `m`'s class or nearest registered ancestor with the same `forward`; `_Overridden` if it differs"
     cls = type(m)
     for c in cls.__mro__:
         key = c if c in registry else f'{c.__module__}.{c.__qualname__}'
-        if key in registry:
-            if cls.forward is c.forward: return registry[key] if isinstance(registry, dict) else True
-            return _Overridden(cls.__name__)
+        if key in registry: return registry[key] if cls.forward is c.forward else _Overridden(cls.__name__)
     return None
 
 def bn_flavour(m:nn.Module) -> BNFlavour|_Overridden|None:
@@ -69,3 +70,127 @@ def is_bn(m:nn.Module) -> bool:
 def bn_layers(model:nn.Module) -> list[tuple[str,nn.Module]]:
     "`(name, module)` of every BatchNorm in `model`"
     return [(n,m) for n,m in model.named_modules() if is_bn(m)]
+
+# %% ../nbs/01_layers.ipynb #af0a68c9
+FOLDABLE_LAYERS = {nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear}
+
+# %% ../nbs/01_layers.ipynb #c0148dda
+class TorchCall(NamedTuple):
+    "One torch function call recorded while a `forward` ran: `func(*args, **kwargs)` returned `out`"
+    func: Callable
+    args: tuple
+    kwargs: dict
+    out: object
+
+    @property
+    def name(self) -> str:
+        f = self.func.__self__ if getattr(self.func, '__name__', None) == '__get__' else self.func # a property: `.data`, `.T`
+        n = getattr(f, '__name__', repr(f))
+        return n[2:-2] if n.startswith('__') and n.endswith('__') else n # `__mul__` is `mul`; `relu_` stays
+    def arg(self, pos:int, name:str, default=None):
+        "Argument `name`, passed at position `pos` or by keyword"
+        return self.args[pos] if len(self.args) > pos else self.kwargs.get(name, default)
+    def uses(self, t) -> bool: return any(a is t for a in tree_leaves((self.args, self.kwargs)))
+    def outs(self) -> list: return [o for o in tree_leaves(self.out) if isinstance(o, Tensor)]
+
+_METADATA = {Tensor.size, Tensor.dim, Tensor.numel, Tensor.nelement, Tensor.ndimension, Tensor.stride, Tensor.is_contiguous,
+             Tensor.get_device, Tensor.__len__, *(getattr(Tensor, a).__get__ for a in ('shape', 'ndim', 'dtype', 'device',
+             'layout', 'requires_grad', 'is_cuda', 'is_meta', 'is_leaf', 'itemsize'))} # read no tensor values
+
+class _CallRecorder(TorchFunctionMode):
+    "Records every torch function called inside the block, except those that only read metadata (`_METADATA`)"
+    def __init__(self): super().__init__(); self.calls = []
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func not in _METADATA: self.calls.append(TorchCall(func, args, kwargs or {}, out))
+        return out
+
+def _meta(t:Tensor) -> Tensor:
+    m = torch.empty_like(t, device='meta')
+    return nn.Parameter(m, t.requires_grad) if isinstance(t, nn.Parameter) else m
+
+def _n_out(m:nn.Module) -> int: return m.out_features if isinstance(m, nn.Linear) else m.out_channels
+
+def meta_copy(layer:nn.Module, # a Conv, ConvTranspose or Linear
+              with_bias:bool=False, # give the copy a bias if `layer` has none, as a fold will
+             ) -> nn.Module:
+    "A copy of `layer` whose parameters and buffers are meta tensors (shapes, no data); `layer` is not touched"
+    m = copy.deepcopy(layer, {id(t): _meta(t) for t in (*layer.parameters(), *layer.buffers())})
+    if with_bias and getattr(m, 'bias', None) is None: m.bias = nn.Parameter(torch.empty(_n_out(m), device='meta'))
+    return m
+
+def forward_calls(layer:nn.Module, # usually a `meta_copy`
+                  x:Tensor, # the input (a meta tensor)
+                 ) -> tuple[list[TorchCall], object]:
+    "The torch calls `layer(x)` makes, in order, and what it returns; tensors it creates are made on `x`'s device"
+    with torch.device(x.device), _CallRecorder() as rec: out = layer(x)
+    return rec.calls, out
+
+# %% ../nbs/01_layers.ipynb #35efa864
+def layer_op(m:nn.Module) -> Callable:
+    "The functional operation a Conv, ConvTranspose or Linear layer computes: `F.conv2d`, `F.conv_transpose1d`, `F.linear`..."
+    if isinstance(m, nn.Linear): return F.linear
+    ops = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d) if isinstance(m, _ConvTransposeNd) else (F.conv1d, F.conv2d, F.conv3d)
+    return ops[len(m.kernel_size)-1]
+
+def _chain(calls:list[TorchCall], t) -> str:
+    "The calls on `t` and on what is computed from it, in order: `reshape -> batch_norm -> conv2d`"
+    ids,names = {id(t)},[]
+    for c in calls:
+        if any(id(a) in ids for a in tree_leaves((c.args, c.kwargs))): names.append(c.name); ids.update(id(o) for o in c.outs())
+    return ' -> '.join(names)
+
+def _call_problem(calls, out, x, layer, where, op, who) -> str|None:
+    "Why the record `calls` of `layer(x)` returning `out` does not show one exact call of `op`, or `None`"
+    W,B,name = layer.weight,getattr(layer, 'bias', None),op.__name__
+    main = [c for c in calls if c.func is op and c.arg(1, 'weight') is W]
+    if not main: return f'{who} transforms its weight before use (`{_chain(calls, W)}`)' if _chain(calls, W) else f'{who} never passes its weight to `{name}`'
+    if len(main) > 1: return f'{who} calls `{name}` {len(main)} times with its weight'
+    c = main[0]
+    if (u := [d.name for d in calls if d is not c and d.uses(W)]): return f'{who} uses its weight outside `{name}` too (`{u[0]}`)'
+    if B is not None and (u := [d.name for d in calls if d is not c and d.uses(B)]): return f'{who} uses its bias outside `{name}` (`{u[0]}`)'
+    if c.arg(2, 'bias') is not B:
+        return (f'{who} does not pass its bias to `{name}`, so a bias folded into it would be ignored' if c.arg(2, 'bias') is None
+                else f'{who} passes `{name}` a bias that is not its own `bias`')
+    if out is not c.out:
+        after = _chain(calls[next(i for i,d in enumerate(calls) if d is c)+1:], c.out)
+        return f'{who} changes the result of `{name}` before returning it (`{after}`)' if after else f'{who} does not return the result of `{name}`'
+    if (u := [d.name for d in calls if d.uses(c.out)]): return f'{who} passes the result of `{name}` to `{u[0]}` as well as returning it'
+    if where == 'before' and c.arg(0, 'input') is not x: return f'{who} changes its input before `{name}` (`{_chain(calls, x)}`), so a BN before it cannot be folded into its weight'
+    return None
+
+# %% ../nbs/01_layers.ipynb #cf703475
+def _meta_inputs(m:nn.Module) -> list[Tensor]:
+    "Meta inputs for `m` at two sizes: `(2, in_features)` for a Linear, spatial sizes past the kernel's reach for a conv"
+    if isinstance(m, nn.Linear): return [torch.empty(2, m.in_features, device='meta'), torch.empty(2, 3, m.in_features, device='meta')]
+    reach = [d*(k-1)+1 for k,d in zip(m.kernel_size, m.dilation)]
+    return [torch.empty(2, m.in_channels, *(r+extra for r in reach), device='meta') for extra in (5, 10)]
+
+def forward_problem(layer:nn.Module, # a Conv, ConvTranspose or Linear (subclass)
+                    where:str='after', # the BN to fold: 'after' the layer, or 'before' it (Linear only)
+                   ) -> str|None:
+    "Why `layer`'s own `forward` makes a BN `where` it unfoldable, from running it on meta tensors; `None` if the fold is exact"
+    who,op = f'`{type(layer).__name__}.forward`',layer_op(layer)
+    for with_bias in ([False, True] if getattr(layer, 'bias', None) is None else [False]):
+        try: m = meta_copy(layer, with_bias)
+        except Exception as e: return f'`{type(layer).__name__}` could not be copied to look at its `forward` ({one_line(e)})'
+        for i,x in enumerate(_meta_inputs(m)):
+            try: calls,out = forward_calls(m, x)
+            except Exception as e:
+                if isinstance(m, nn.Linear) and i: continue # a Linear that takes only `(batch, features)`
+                return f'{who} could not be run on shape-only tensors ({one_line(e)})'
+            if (why := _call_problem(calls, out, x, m, where, op, who)): return why
+    return None
+
+def _hooked(m:nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or getattr(m, '_backward_hooks', None) or getattr(m, '_forward_hooks_with_kwargs', None))
+
+def layer_problem(m:nn.Module, # the layer a BN would be folded into
+                  where:str='after', # 'after': `m -> BN`; 'before': `BN -> m` (a Linear)
+                 ) -> str|None:
+    "Why `m` cannot absorb a BN `where` it is, or `None` when the fold is exact"
+    if not isinstance(m, (_ConvNd, nn.Linear)): return f'`{type(m).__name__}` is not a Conv, ConvTranspose or Linear'
+    if isinstance(m.weight, nn.parameter.UninitializedParameter): return 'its layer is an uninitialized lazy module'
+    if parametrize.is_parametrized(m): return 'its layer has parametrizations (e.g. weight norm)'
+    if _hooked(m): return 'its layer has hooks'
+    return None if type(m) in FOLDABLE_LAYERS else forward_problem(m, where)

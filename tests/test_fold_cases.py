@@ -153,8 +153,10 @@ def test_refuses_hooked_modules():
         assert 'hooks' in r
 
 def test_refuses_weight_standardised_conv():
-    [r] = left_reasons(nn.Sequential(StdConv2d(3, 4, 3), nn.BatchNorm2d(4)))
-    assert '`StdConv2d` overrides `forward`' in r
+    from timm.layers import ScaledStdConv2d
+    for conv in (StdConv2d(3, 4, 3), ScaledStdConv2d(3, 4, 3)):
+        [r] = left_reasons(nn.Sequential(conv, nn.BatchNorm2d(4)))
+        assert f'`{type(conv).__name__}.forward` transforms its weight before use' in r
 
 def test_refuses_parametrized_conv():
     [r] = left_reasons(nn.Sequential(parametrizations.weight_norm(nn.Conv2d(3, 4, 3)), nn.BatchNorm2d(4)))
@@ -171,9 +173,17 @@ def test_untraceable_block_only_loses_its_own_boundary():
         def __init__(self): super().__init__(); self.conv,self.bn = nn.Conv2d(3, 3, 1),nn.BatchNorm2d(3)
         def forward(self, x): return self.bn(self.conv(x)) if x.sum() > 0 else x
     m = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), Gate(), nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3))
-    folded,rep = check_fold(m, torch.rand(2, 3, 5, 5), 2, 1)
+    x = torch.rand(2, 3, 5, 5)
+    folded,rep = check_fold(m, x, 2, 1)
     assert [n for n,_ in rep.untraceable] == ['2'] and rep.left[0].bn == '2.bn'
-    assert 'inside untraceable `2`' in rep.left[0].reason
+    with torch.no_grad(): gate_ran = m[:2](x).sum() > 0 # what the sample made `Gate` do
+    assert rep.left[0].reason == ('inside untraceable `2`, not reached by tracing' if gate_ran else 'never called on the sample input')
+    folder = BN_Folder(); folder.fold(m) # without a sample fastfold can't know whether it runs
+    assert folder.report.left[0].reason == 'inside untraceable `2`, not reached by tracing'
+    with torch.no_grad(): # an input that takes the other branch (the first two layers are affine in `x`)
+        other = next(t for t in (torch.full_like(x, v) for v in (-100., 100.)) if (m[:2](t).sum() > 0) != gate_ran)
+    folder.fold(m, sample=other)
+    assert folder.report.left[0].reason == ('never called on the sample input' if gate_ran else 'inside untraceable `2`, not reached by tracing')
 
 # ---- errors ----
 def test_errors_leave_model_untouched():
