@@ -144,7 +144,7 @@ def _call_problem(calls, out, x, layer, where, op, who) -> str|None:
     "Why the record `calls` of `layer(x)` returning `out` does not show one exact call of `op`, or `None`"
     W,B,name = layer.weight,getattr(layer, 'bias', None),op.__name__
     main = [c for c in calls if c.func is op and c.arg(1, 'weight') is W]
-    if not main: return f'{who} transforms its weight before use (`{_chain(calls, W)}`)' if _chain(calls, W) else f'{who} never passes its weight to `{name}`'
+    if not main: return f'{who} transforms its weight before use (`{ch}`)' if (ch := _chain(calls, W)) else f'{who} never passes its weight to `{name}`'
     if len(main) > 1: return f'{who} calls `{name}` {len(main)} times with its weight'
     c = main[0]
     if (u := [d.name for d in calls if d is not c and d.uses(W)]): return f'{who} uses its weight outside `{name}` too (`{u[0]}`)'
