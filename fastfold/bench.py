@@ -7,6 +7,7 @@ Docs: https://fastfold.github.io/fastfold/bench.html.md"""
 # %% ../nbs/06_bench.ipynb #aee797d2
 from __future__ import annotations
 import copy, gc, math, os, platform, statistics, time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Callable
@@ -18,6 +19,7 @@ from fastprogress.fastprogress import progress_bar
 from .core import one_line
 from .layers import bn_layers, bn_flavour
 from .fold import BN_Folder, n_params, output_difference
+from .scan import UnsafeFileError, scan_torch_file, load_learner_checked
 
 # %% auto #0
 __all__ = ['DEFAULT_MODELS', 'DEFAULT_BS', 'DEFAULT_SIZES', 'CSV_COLUMNS', 'BenchError', 'model_source', 'load_model',
@@ -53,15 +55,20 @@ def model_source(name:str) -> str:
                      f'or a fastai learner .pkl file')
 
 # %% ../nbs/06_bench.ipynb #7acf2227
+@contextmanager
+def _learner_errors(name:str):
+    "Errors of checking or loading the learner file `name`, as one-line `BenchError`s"
+    try: yield
+    except UnsafeFileError as e: raise BenchError(str(e)) from None
+    except Exception as e: raise BenchError(f'could not load the learner {name}: {one_line(e)}') from None
+
 def load_model(name:str, # torchvision or timm model name, or fastai learner `.pkl` file
                seed:int=0, # seeds the random weights of a named model
               ) -> nn.Module:
-    "An eval-mode model: a named one with random weights (nothing is downloaded), or a fastai learner's `model`"
+    "An eval-mode model: a named one with random weights (nothing is downloaded), or the `model` of a learner file, once checked"
     src = model_source(name)
     if src == 'learner':
-        from fastai.learner import load_learner
-        try: return load_learner(name, cpu=True).model.eval()
-        except Exception as e: raise BenchError(f'could not load the learner {name}: {one_line(e)}') from None
+        with _learner_errors(name): return load_learner_checked(name, cpu=True).model.eval()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if src == 'torchvision':
@@ -240,8 +247,9 @@ def check_request(models, bs, sizes, device, reps=1, fold_reps=1) -> list:
         raise BenchError(f'--device {device} asked for CUDA, but torch.cuda.is_available() is False on this machine')
     if dev.type not in ('cpu', 'cuda'): raise BenchError(f'device {device!r}: only cpu and cuda are supported')
     for m in models:
-        if isinstance(m, str): model_source(m)
-        elif not isinstance(m, (nn.Module, tuple)): raise BenchError(f'not a model: {type(m).__name__}')
+        if not isinstance(m, (str, nn.Module, tuple)): raise BenchError(f'not a model: {type(m).__name__}')
+        if isinstance(m, str) and model_source(m) == 'learner':
+            with _learner_errors(m): scan_torch_file(m) # before any model runs
     return list(models)
 
 def _named(m, seed, size, device) -> tuple[str,nn.Module]:
@@ -453,7 +461,7 @@ def report(df:pd.DataFrame, machine:str, tol:float=0.02) -> str:
 
 @call_parse
 def fastfold_bench(
-    *models:str, # torchvision or timm model names, or fastai learner `.pkl` files (default: resnet18 mobilenet_v2 resnet50)
+    *models:str, # torchvision or timm model names, or fastai learner `.pkl` files you trust (default: resnet18 mobilenet_v2 resnet50)
     bs:Annotated[int, 'batch sizes', {'nargs': '+'}]=DEFAULT_BS,
     size:Annotated[int, 'input sizes (square images)', {'nargs': '+'}]=DEFAULT_SIZES,
     device:str='cpu', # cpu or cuda

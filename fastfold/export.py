@@ -6,7 +6,7 @@ Docs: https://fastfold.github.io/fastfold/export.html.md"""
 
 # %% ../nbs/05_export.ipynb #de26981f
 from __future__ import annotations
-import os, pickletools, tempfile, types, warnings, weakref, zipfile
+import os, tempfile, types, warnings, weakref, zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -21,14 +21,14 @@ from fastcore.script import call_parse
 from .core import one_line, quiet_fastai_import
 with quiet_fastai_import():
     from fastai.callback.core import Callback
-    from fastai.learner import Learner, load_learner
+    from fastai.learner import Learner
     from fastai.torch_core import rank_distrib, to_device
 from .fold import BN_Folder, FoldReport, FoldCheckError
+from .scan import pickle_refs, unsafe_refs, torch_pickle, load_learner_checked, UnsafeFileError, _top_global
 
 # %% auto #0
-__all__ = ['batch_input', 'tfms_size', 'random_input', 'sample_input', 'atomic_write', 'pickle_refs', 'check_export_file',
-           'FoldExportError', 'export_folded', 'FoldOnExport', 'FoldFileError', 'FoldedFile', 'fold_learner_file',
-           'fastfold_fold']
+__all__ = ['batch_input', 'tfms_size', 'random_input', 'sample_input', 'atomic_write', 'check_export_file', 'FoldExportError',
+           'export_folded', 'FoldOnExport', 'FoldFileError', 'FoldedFile', 'fold_learner_file', 'fastfold_fold']
 
 # %% ../nbs/05_export.ipynb #dff23b5d
 def _loaders(dls) -> list:
@@ -185,37 +185,17 @@ def atomic_write(fname:str|Path, # the file to write
     return fname
 
 # %% ../nbs/05_export.ipynb #16de7114
-_STR_OPS = {'SHORT_BINUNICODE', 'BINUNICODE', 'BINUNICODE8', 'UNICODE', 'SHORT_BINSTRING', 'BINSTRING', 'STRING'}
-
-def pickle_refs(data:bytes, # a pickle
-               ) -> set[str]:
-    "The globals (`'module:name'`) and modules (`'module'`) that unpickling `data` would import, found without unpickling"
-    refs,memo,last,want_module = set(),{},[None, None],False
-    for op,arg,_ in pickletools.genops(data):
-        name,v = op.name,None
-        if name in ('PUT', 'BINPUT', 'LONG_BINPUT'): memo[arg] = last[-1]; continue
-        if name == 'MEMOIZE': memo[len(memo)] = last[-1]; continue
-        if name in _STR_OPS:
-            v = arg
-            if want_module: refs.add(v); want_module = False
-        elif name in ('GET', 'BINGET', 'LONG_BINGET'): v = memo.get(arg)
-        elif name in ('GLOBAL', 'INST', 'STACK_GLOBAL'):
-            mod,qual = arg.split(' ', 1) if name != 'STACK_GLOBAL' else (last[-2], last[-1])
-            refs.add(f'{mod}:{qual}')
-            want_module = str(mod).startswith('cloudpickle') and str(qual).endswith('subimport')
-        last = [last[-1], v]
-    return refs
-
 def _is_ff_name(mod) -> bool: return isinstance(mod, str) and (mod == 'fastfold' or mod.startswith('fastfold.'))
 
 def check_export_file(fname:str|Path, # a file written by `torch.save`
                      ):
-    "Raise if `fname` is not a whole `torch.save` archive, or if loading it would need fastfold"
+    "Raise if `fname` is not a whole `torch.save` archive, if loading it would call what `fastfold.scan` refuses, or would need fastfold"
     with zipfile.ZipFile(fname) as z:
         if (bad := z.testzip()) is not None: raise ValueError(f'{bad} in {fname} is corrupt')
-        pkl = first(n for n in z.namelist() if n == 'data.pkl' or n.endswith('/data.pkl'))
-        if pkl is None: raise ValueError(f'{fname} has no data.pkl: not a torch.save archive')
-        refs = pickle_refs(z.read(pkl))
+    refs = pickle_refs(torch_pickle(Path(fname).read_bytes()))
+    if unsafe := unsafe_refs(refs):
+        raise ValueError(f'loading the file would call {", ".join(sorted(unsafe.values()))}, which can run commands or code: '
+                         'remove what the learner keeps that pickles as such a call')
     ff = sorted(r for r in refs if _is_ff_name(r.split(':')[0]))
     if ff: raise ValueError(f'the file would need fastfold to load: it refers to {", ".join(ff)}; '
                             'remove the fastfold objects the learner or its callbacks keep')
@@ -337,24 +317,10 @@ class FoldedFile:
         return '\n'.join(lines + [f'  left {l.bn}: {l.reason}' for l in r.left])
 
 # %% ../nbs/05_export.ipynb #b57449b0
-def _top_global(data:bytes) -> str|None:
-    "`'module:name'` of the class of the object a pickle holds, if it starts with one"
-    last = [None, None]
-    for op,arg,_ in pickletools.genops(data):
-        if op.name in ('PROTO', 'FRAME', 'MEMOIZE', 'PUT', 'BINPUT', 'LONG_BINPUT'): continue
-        if op.name in _STR_OPS: last = [last[-1], arg]; continue
-        if op.name in ('GLOBAL', 'INST'): return ':'.join(arg.split(' ', 1))
-        if op.name == 'STACK_GLOBAL': return f'{last[-2]}:{last[-1]}'
-        return {'EMPTY_DICT': 'builtins:dict', 'EMPTY_LIST': 'builtins:list', 'EMPTY_TUPLE': 'builtins:tuple'}.get(op.name)
-    return None
-
 def _why_not_loaded(src:Path, e:Exception) -> str:
-    "Why `load_learner(src)` failed with `e`, in one line"
-    if not zipfile.is_zipfile(src): return f'not a file written by torch.save ({one_line(e)})'
-    try:
-        with zipfile.ZipFile(src) as z:
-            top = _top_global(z.read(first(n for n in z.namelist() if n.endswith('data.pkl'))))
-    except Exception: top = None
+    "Why `load_learner_checked(src)` failed with `e`, in one line"
+    try: top = _top_global(torch_pickle(src.read_bytes()))
+    except Exception: return f'not a file written by torch.save ({one_line(e)})'
     if top is not None and not top.startswith('fastai.') and not top.startswith('cloudpickle'):
         return f'it holds a {top.replace(":", ".")}, not a fastai Learner'
     if isinstance(e, UnboundLocalError): # fastai's `load_learner` swallows some `ImportError`s, then fails on `res`
@@ -363,10 +329,10 @@ def _why_not_loaded(src:Path, e:Exception) -> str:
     return f'loading it failed: {one_line(e)}'
 
 def _load_export(src:Path) -> Learner:
-    with warnings.catch_warnings():
-        warnings.filterwarnings('ignore', message='.*insecure pickle') # the user asked to load this file
-        try: learn = load_learner(src)
-        except Exception as e: raise FoldFileError(f'{src} is not a fastai export: {_why_not_loaded(src, e)}') from e
+    "The learner in `src`, loaded once `fastfold.scan` found nothing it refuses; fastai's warning that loading runs code shows"
+    try: learn = load_learner_checked(src)
+    except UnsafeFileError as e: raise FoldFileError(str(e)) from None
+    except Exception as e: raise FoldFileError(f'{src} is not a fastai export: {_why_not_loaded(src, e)}') from e
     if not isinstance(learn, Learner): raise FoldFileError(f'{src} holds a {type(learn).__name__}, not a fastai Learner')
     return learn
 
@@ -377,14 +343,14 @@ def _parse_size(size) -> int|tuple|None:
     return sz[0] if len(sz) == 1 else sz
 
 # %% ../nbs/05_export.ipynb #6b1759ef
-def fold_learner_file(src:str|Path, # a learner written by `learn.export()`
+def fold_learner_file(src:str|Path, # a learner written by `learn.export()`, from someone you trust
                       dst:str|Path|None=None, # where to write it folded (default: `<src stem>_folded<suffix>` beside it)
                       force:bool=False, # overwrite `dst` if it exists
                       size:int|tuple|str|None=None, # input size for the check, if the learner's transforms do not tell it
                       rtol:float|None=None, # check tolerance relative to the largest output (default: `BN_Folder`'s)
                       atol:float=0., # absolute check tolerance on top of `rtol`
                      ) -> FoldedFile:
-    "Load the exported learner `src`, fold its model, check it on a sample input and write it to `dst` atomically"
+    "Check the exported learner `src` (`fastfold.scan`) and load it, fold its model, check it on a sample input, write it to `dst` atomically"
     src = Path(src)
     dst = Path(dst) if dst is not None else src.with_name(f'{src.stem}_folded{src.suffix or ".pkl"}')
     size = _parse_size(size)
@@ -409,14 +375,18 @@ def fold_learner_file(src:str|Path, # a learner written by `learn.export()`
 # %% ../nbs/05_export.ipynb #c29f0d2c
 @call_parse
 def fastfold_fold(
-    src:str, # a learner written by `learn.export()`
+    src:str, # a learner written by `learn.export()`, from someone you trust: loading it runs code from it
     Output:str=None, # where to write the folded learner (default: `<src stem>_folded.pkl` beside `src`)
     force:bool=False, # overwrite the output file if it exists
     size:str=None, # input size for the check (`224` or `160,128`), if the learner's resizing transforms do not tell it
     rtol:float=None, # check tolerance relative to the largest output (default 1e-4)
     atol:float=0., # absolute check tolerance on top of `rtol`
 ):
-    "Fold the BatchNorm of an exported fastai learner into its layers, check the outputs, and write it as a new export"
+    """Fold the BatchNorm of an exported fastai learner into its layers, check the outputs, and write it as a new export.
+    Loading a fastai export runs code from it: fold only files you trust. The file is read first, without running
+    it, and refused if loading it would call something that runs commands or code or reaches the OS or the network
+    (os.system, subprocess, exec and the like, also through getattr on a module). Code inside the functions and
+    classes that the file rebuilds by value (cloudpickle) is not checked: a file that passes is not proven safe."""
     try: res = fold_learner_file(src, Output, force, size, rtol, atol)
     except FoldFileError as e: raise SystemExit(f'fastfold-fold: error: {e}') from None
     print(res)
