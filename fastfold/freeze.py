@@ -98,23 +98,45 @@ def freeze_bn(model:nn.Module, # Model whose BatchNorm layers are frozen
 
 # %% ../nbs/03_freeze.ipynb #49feb9b2
 class FreezeBN(Callback):
-    "Keep BatchNorm in eval mode with frozen `weight`/`bias` in every training epoch of a fit"
+    "Keep BatchNorm in eval mode with frozen `weight`/`bias` in every training epoch of a fit: by default every BN but those in the last of several parameter groups (the new head)"
     order = TrainEvalCallback.order+1 # after `TrainEvalCallback`'s `model.train()` at `before_train`, before `DistributedTrainer` (11) wraps the model in DDP at `before_fit`
     def __init__(self,
-        modules:nn.Module|Iterable[nn.Module]|None=None, # Only freeze the BN inside these parts of the model (default: all of it)
+        modules:nn.Module|Iterable[nn.Module]|None=None, # Freeze exactly the BN inside these parts of the model (default: by parameter group, see `head`)
         bn_filter:Callable[[str,nn.Module],bool]|None=None, # Only freeze the BN layers for which `bn_filter(name, bn)` is true
         stop_grads:bool=True, # Also stop the gradients of `weight`/`bias`; `False` freezes only the statistics
+        head:bool=False, # Without `modules`: also freeze the BN of the learner's last parameter group when it has several
     ):
         modules = _check_args(modules, bn_filter, stop_grads)
+        if not isinstance(head, bool): raise TypeError(f'`head` must be True or False, got {head!r}')
+        if head and modules is not None:
+            raise ValueError('`head=True` chooses BN by parameter group and `modules` chooses the parts of the model: pass one or the other')
         store_attr()
-        self.frozen = None
+        self.frozen = self.error = None
+
+    def _filter(self):
+        "`bn_filter`, and by default (no `modules`, `head=False`) only the BN whose parameters are not in the last of several parameter groups"
+        if self.modules is not None or self.head: return self.bn_filter
+        splits = L(self.learn.splitter(self.model))
+        groups = splits if len(splits) and isinstance(splits[0], (L,list)) else [splits]   # as fastai's `Optimizer` reads them
+        if len(groups) < 2: return self.bn_filter
+        head_ids = {id(p) for p in groups[-1]}
+        def not_in_head(name, bn):
+            return (not any(id(p) in head_ids for p in bn.parameters(recurse=False))
+                    and (self.bn_filter is None or self.bn_filter(name, bn)))
+        return not_in_head
 
     def before_fit(self):
         self.restore()   # in case an error in another callback's `before_fit` ended the last fit
-        self.frozen = freeze_bn(self.model, self.modules, self.bn_filter, self.stop_grads)
+        self.error = None
+        try: self.frozen = freeze_bn(self.model, self.modules, self._filter(), self.stop_grads)
+        except ValueError as e: self.error = e; return   # raised at `before_train`: see below
         self.learn._with_events = self._restore_on_error   # see `_restore_on_error`
 
-    def before_train(self): self.frozen.set_eval()
+    def before_train(self):
+        # `validate`, `get_preds` and `predict` run `before_fit` too but train nothing: a selection that finds no BN
+        # (a learner folded by `learn.fold()` has none) is an error only once training starts, before its first step
+        if self.frozen is None: raise self.error or RuntimeError('FreezeBN froze nothing at `before_fit`')
+        self.frozen.set_eval()
     def after_fit(self): self.restore()
 
     def restore(self):

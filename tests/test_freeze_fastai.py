@@ -1,4 +1,4 @@
-"`FreezeBN` against the heavier fastai machinery: `vision_learner` + `fine_tune`, one-cycle, mixed precision, gradient accumulation, channels last, SyncBatchNorm and timm's BatchNormAct2d."
+"`FreezeBN` against the heavier fastai machinery: its default on `vision_learner`, `unet_learner` and a one-group `Learner`, `fine_tune`, one-cycle, mixed precision, gradient accumulation, channels last, SyncBatchNorm and timm's BatchNormAct2d."
 import warnings
 import pytest, torch
 from torch import nn
@@ -13,7 +13,7 @@ from fastai.callback.fp16 import MixedPrecision  # patches `Learner.to_fp16`/`to
 from fastai.callback.channelslast import ChannelsLast  # patches `Learner.to_channelslast`
 from fastai.callback.schedule import fit_one_cycle  # patches `Learner.fit_one_cycle`/`fine_tune`
 from fastai.torch_core import params
-from fastai.vision.learner import vision_learner
+from fastai.vision.learner import vision_learner, unet_learner
 from torchvision.models import resnet18
 from timm.layers import BatchNormAct2d, SyncBatchNormAct, convert_sync_batchnorm as timm_convert_sync_batchnorm
 from fastfold.freeze import FreezeBN, freezable_bn_layers
@@ -94,12 +94,90 @@ def check_frozen_fit(learn, fit, bn_model=None, changed=True, unused=()):
     learn.remove_cb(probe)
     return probe
 
-def test_vision_learner_fine_tune():
-    "`fine_tune(n, freeze_epochs=m)` with fastai's default `train_bn=True`: both fits frozen, flags as `unfreeze` left them"
+def check_body_frozen_head_live(learn, fit, body, head_bns):
+    "Run `fit`: every BN of `body` frozen (eval mode, bit-identical, no grads), the BN layers `head_bns` live and learning"
+    head0 = [t.clone() for bn in head_bns for t in (bn.weight, bn.running_mean)]
+    head_modes = []
+    class HeadProbe(Callback):
+        order = 50
+        def after_pred(self):
+            if self.training: head_modes.extend(bn.training for bn in head_bns)
+    probe = check_frozen_fit(learn, lambda: fit(HeadProbe()), bn_model=body, changed=False)
+    assert head_bns and head_modes and all(head_modes), 'a BN of the last parameter group was frozen'
+    assert not any(torch.equal(a, b) for a,b in zip([t for bn in head_bns for t in (bn.weight, bn.running_mean)], head0))
+    return probe
+
+def test_vision_learner_default_freezes_body_not_head():
+    "`FreezeBN()` on a `vision_learner`: the body's BN frozen in both fits of `fine_tune`, the new head's `BatchNorm1d` live"
     learn = vision_learner(image_dls(), resnet18, pretrained=False, n_out=2, loss_func=CrossEntropyLossFlat(), cbs=FreezeBN())
+    pretend_pretrained(learn.model)
+    head_bns = list(freezable_bn_layers(learn.model[1]))
+    assert len(head_bns) == 2 and len(freezable_bn_layers(learn.model[0])) == 20
+    check_body_frozen_head_live(learn, lambda cb: learn.fine_tune(1, freeze_epochs=1, cbs=cb), learn.model[0], head_bns)
+    assert all(flags(learn.model))
+
+def test_vision_learner_freeze_unfreeze_between_fits():
+    "`freeze()`, fit, `unfreeze()`, fit: the same choice in both fits, and the flags as fastai set them after each"
+    learn = vision_learner(image_dls(), resnet18, pretrained=False, n_out=2, loss_func=CrossEntropyLossFlat(), cbs=FreezeBN())
+    pretend_pretrained(learn.model)
+    head_bns = list(freezable_bn_layers(learn.model[1]))
+    learn.freeze()
+    frozen_flags = flags(learn.model)
+    assert not all(frozen_flags) and any(frozen_flags)
+    check_body_frozen_head_live(learn, lambda cb: learn.fit(1, cbs=cb), learn.model[0], head_bns)
+    assert flags(learn.model) == frozen_flags
+    learn.unfreeze()
+    check_body_frozen_head_live(learn, lambda cb: learn.fit(1, cbs=cb), learn.model[0], head_bns)
+    assert all(flags(learn.model))
+
+def test_vision_learner_head_true():
+    "`FreezeBN(head=True)`: every BN frozen, the head's too, through `fine_tune`; flags as `unfreeze` left them"
+    learn = vision_learner(image_dls(), resnet18, pretrained=False, n_out=2, loss_func=CrossEntropyLossFlat(), cbs=FreezeBN(head=True))
     pretend_pretrained(learn.model)
     check_frozen_fit(learn, lambda: learn.fine_tune(1, freeze_epochs=1))
     assert all(flags(learn.model))
+
+def seg_dls(n=8, bs=4, size=32, seed=0):
+    "Random images with a per-pixel label: whether channel 0 is brighter than channel 1 there"
+    g = torch.Generator().manual_seed(seed)
+    def ds(n):
+        x = torch.randn(n, 3, size, size, generator=g)
+        return TensorDataset(x, (x[:,0] > x[:,1]).long())
+    return DataLoaders.from_dsets(ds(n), ds(n//2), bs=bs, device='cpu')
+
+def test_unet_learner_default_freezes_encoder_not_decoder():
+    "`unet_learner` splits a ResNet in three groups, the new decoder last: its BN stay live, the encoder's are frozen"
+    learn = unet_learner(seg_dls(), resnet18, pretrained=False, n_out=2, normalize=False,
+                         loss_func=CrossEntropyLossFlat(axis=1), cbs=FreezeBN())
+    pretend_pretrained(learn.model)
+    assert len(learn.splitter(learn.model)) == 3
+    encoder = learn.model[0]
+    enc_ids = {id(bn) for bn in freezable_bn_layers(encoder)}
+    decoder_bns = [bn for bn in freezable_bn_layers(learn.model) if id(bn) not in enc_ids]
+    assert len(enc_ids) == 20 and len(decoder_bns) > 0
+    check_body_frozen_head_live(learn, lambda cb: learn.fine_tune(1, freeze_epochs=1, cbs=cb), encoder, decoder_bns)
+
+def test_one_group_learner_freezes_every_bn():
+    "A plain `Learner` (fastai's default splitter: one parameter group) keeps the old behaviour: every BN frozen, the head's too"
+    model = nn.Sequential(*conv_bn_net(), nn.BatchNorm1d(2))   # the last parameter is a BN's, as in a head with `bn_final=True`
+    learn = Learner(image_dls(), pretend_pretrained(model), loss_func=CrossEntropyLossFlat(), lr=1e-2, cbs=FreezeBN())
+    assert all(isinstance(p, torch.Tensor) for p in learn.splitter(learn.model))   # one flat list: one parameter group
+    probe = check_frozen_fit(learn, lambda: learn.fit_one_cycle(1))
+    assert len(probe.modes) == 4*4   # 4 BN layers x 4 batches, all in eval mode
+
+def test_folded_learner_predicts_with_freezebn_attached():
+    "After `learn.fold()` no BN is left: `validate`/`predict` still work with FreezeBN attached; a fit fails before its first step"
+    from fastfold.export import fold   # patches `Learner.fold`
+    learn = conv_learner(cbs=FreezeBN())
+    learn.fit(1)
+    loss = learn.validate()[0]
+    learn.fold()
+    assert len(freezable_bn_layers(learn.model)) == 0
+    assert abs(learn.validate()[0] - loss) < 1e-4
+    learn.get_preds()
+    w0 = [p.clone() for p in learn.model.parameters()]
+    with pytest.raises(ValueError, match='no BatchNorm'): learn.fit(1)
+    assert all(torch.equal(a, b) for a,b in zip(learn.model.parameters(), w0))
 
 def test_vision_learner_body_only():
     "Freezing only the body (`learn.model[0]`) keeps the head's BN live"
@@ -114,12 +192,12 @@ def test_vision_learner_body_only():
 
 def test_fit_one_cycle_with_weight_decay():
     "`fit_one_cycle` with weight decay on BN parameters too: still bit-identical"
-    learn = conv_learner(cbs=FreezeBN(), wd=0.1, wd_bn_bias=True)
+    learn = conv_learner(cbs=FreezeBN(head=True), wd=0.1, wd_bn_bias=True)
     check_frozen_fit(learn, lambda: learn.fit_one_cycle(2))
 
 def test_train_bn_false_and_freeze():
     "`freeze()` with `train_bn=False`: fastai freezes the body BN, FreezeBN the head BN; flags come back as fastai set them"
-    learn = conv_learner(cbs=FreezeBN(), train_bn=False)
+    learn = conv_learner(cbs=FreezeBN(head=True), train_bn=False)
     learn.freeze()
     flags0 = flags(learn.model)
     check_frozen_fit(learn, lambda: learn.fit(1), changed=False)
@@ -135,7 +213,7 @@ def _amp_active(learn, fit):
 
 @pytest.mark.parametrize('to_amp', ['to_fp16', 'to_bf16'])
 def test_mixed_precision(to_amp):
-    learn = getattr(conv_learner(cbs=FreezeBN()), to_amp)()
+    learn = getattr(conv_learner(cbs=FreezeBN(head=True)), to_amp)()
     with warnings.catch_warnings():
         warnings.filterwarnings('ignore', message='.*CUDA is not available.*')
         active = _amp_active(learn, lambda: check_frozen_fit(learn, lambda: learn.fit_one_cycle(1)))
@@ -152,15 +230,15 @@ class CPUAutocast(Callback):
 
 def test_cpu_bf16_autocast():
     "Real bfloat16 mixed precision on CPU (torch's CPU autocast, since fastai's only autocasts on CUDA)"
-    learn = conv_learner(cbs=[FreezeBN(), CPUAutocast()])
+    learn = conv_learner(cbs=[FreezeBN(head=True), CPUAutocast()])
     assert _amp_active(learn, lambda: check_frozen_fit(learn, lambda: learn.fit_one_cycle(1)))
 
 def test_gradient_accumulation():
-    learn = conv_learner(cbs=[FreezeBN(), GradientAccumulation(n_acc=16)])
+    learn = conv_learner(cbs=[FreezeBN(head=True), GradientAccumulation(n_acc=16)])
     check_frozen_fit(learn, lambda: learn.fit(1))
 
 def test_channels_last():
-    learn = conv_learner(cbs=FreezeBN()).to_channelslast(use_amp=False)
+    learn = conv_learner(cbs=FreezeBN(head=True)).to_channelslast(use_amp=False)
     formats = []
     class Fmt(Callback):
         def after_pred(self): formats.append(self.learn.model[0][0].weight.is_contiguous(memory_format=torch.channels_last))
@@ -168,12 +246,12 @@ def test_channels_last():
     assert formats and all(formats)
 
 def test_affine_false():
-    learn = conv_learner(conv_bn_net(affine=False), cbs=FreezeBN())
+    learn = conv_learner(conv_bn_net(affine=False), cbs=FreezeBN(head=True))
     check_frozen_fit(learn, lambda: learn.fine_tune(1, freeze_epochs=1))
 
 def test_sync_batchnorm_model():
     "A model whose BN is `SyncBatchNorm` (single process: in eval mode it runs on CPU)"
-    learn = conv_learner(nn.SyncBatchNorm.convert_sync_batchnorm(conv_bn_net()), cbs=FreezeBN())
+    learn = conv_learner(nn.SyncBatchNorm.convert_sync_batchnorm(conv_bn_net()), cbs=FreezeBN(head=True))
     probe = check_frozen_fit(learn, lambda: learn.fit_one_cycle(1))
     assert probe.types == {nn.SyncBatchNorm}
 
@@ -184,7 +262,7 @@ class ConvertSyncBN(Callback):
 
 def test_bn_converted_to_sync_bn_during_before_fit():
     "BN replaced by new `SyncBatchNorm` modules after FreezeBN's `before_fit` is still frozen"
-    learn = conv_learner(cbs=[FreezeBN(), ConvertSyncBN()])
+    learn = conv_learner(cbs=[FreezeBN(head=True), ConvertSyncBN()])
     probe = check_frozen_fit(learn, lambda: learn.fit(2))
     assert probe.types == {nn.SyncBatchNorm}
 
@@ -196,7 +274,7 @@ def timm_bn_act_net(bn=BatchNormAct2d):
 
 def test_timm_batchnorm_act():
     "timm's `BatchNormAct2d`: frozen, while its dropout child keeps training"
-    learn = conv_learner(timm_bn_act_net(), cbs=FreezeBN())
+    learn = conv_learner(timm_bn_act_net(), cbs=FreezeBN(head=True))
     drop_modes = []
     class Drop(Callback):
         def after_pred(self):
@@ -205,14 +283,14 @@ def test_timm_batchnorm_act():
     assert probe.types == {BatchNormAct2d} and drop_modes and all(drop_modes)
 
 def test_timm_sync_batchnorm_act():
-    learn = conv_learner(timm_convert_sync_batchnorm(timm_bn_act_net()), cbs=FreezeBN())
+    learn = conv_learner(timm_convert_sync_batchnorm(timm_bn_act_net()), cbs=FreezeBN(head=True))
     probe = check_frozen_fit(learn, lambda: learn.fit(1))
     assert probe.types == {SyncBatchNormAct}
 
 def test_timm_model_via_vision_learner():
     "A timm architecture built by `vision_learner` (its BN layers are timm's `BatchNormAct2d`)"
     learn = vision_learner(image_dls(), 'mobilenetv3_small_050', pretrained=False, n_out=2,
-                           loss_func=CrossEntropyLossFlat(), cbs=FreezeBN())
+                           loss_func=CrossEntropyLossFlat(), cbs=FreezeBN(head=True))
     pretend_pretrained(learn.model)
     # fastai's timm body stops at `forward_features`, so the model's own `conv_head` is never used
     probe = check_frozen_fit(learn, lambda: learn.fine_tune(1, freeze_epochs=1),
@@ -222,7 +300,7 @@ def test_timm_model_via_vision_learner():
 def test_lr_find(tmp_path):
     "`lr_find` trains (then reloads its saved weights) with BN frozen, and ends with the flags given back"
     probe = BNProbe()
-    learn = conv_learner(cbs=[FreezeBN(), probe], path=tmp_path)
+    learn = conv_learner(cbs=[FreezeBN(head=True), probe], path=tmp_path)
     flags0 = flags(learn.model)
     learn.lr_find(num_it=10, show_plot=False)
     assert len(probe.modes) >= 3*6 and not any(probe.modes)
