@@ -6,7 +6,7 @@ Docs: https://fastfold.github.io/fastfold/export.html.md"""
 
 # %% ../nbs/05_export.ipynb #de26981f
 from __future__ import annotations
-import os, tempfile, types, warnings, weakref, zipfile
+import io, os, tempfile, types, warnings, weakref, zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -24,7 +24,7 @@ with quiet_fastai_import():
     from fastai.learner import Learner
     from fastai.torch_core import rank_distrib, to_device
 from .fold import BN_Folder, FoldReport, FoldCheckError
-from .scan import pickle_refs, unsafe_refs, torch_pickle, load_learner_checked, UnsafeFileError, _top_global
+from .scan import pickle_refs, unsafe_refs, torch_pickle, scan_torch_file, load_learner_checked, UnsafeFileError, _top_global
 
 # %% auto #0
 __all__ = ['batch_input', 'tfms_size', 'random_input', 'sample_input', 'atomic_write', 'check_export_file', 'FoldExportError',
@@ -319,12 +319,12 @@ class FoldedFile:
 # %% ../nbs/05_export.ipynb #b57449b0
 def _why_not_loaded(src:Path, e:Exception) -> str:
     "Why `load_learner_checked(src)` failed with `e`, in one line"
-    try: top = _top_global(torch_pickle(src.read_bytes()))
+    try: raw = src.read_bytes(); top = _top_global(torch_pickle(raw))
     except Exception: return f'not a file written by torch.save ({one_line(e)})'
     if top is not None and not top.startswith('fastai.') and not top.startswith('cloudpickle'):
         return f'it holds a {top.replace(":", ".")}, not a fastai Learner'
     if isinstance(e, UnboundLocalError): # fastai's `load_learner` swallows some `ImportError`s, then fails on `res`
-        try: torch.load(src, map_location='cpu', weights_only=False)
+        try: scan_torch_file(src, raw); torch.load(io.BytesIO(raw), map_location='cpu', weights_only=False) # the file may have changed since: check what is loaded
         except Exception as e2: e = e2
     return f'loading it failed: {one_line(e)}'
 

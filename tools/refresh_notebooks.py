@@ -39,6 +39,8 @@ def refresh(nb:Path) -> bool:
     return res.returncode == 0
 
 if __name__ == '__main__':
+    sys.path.insert(0, str(ROOT))
+    import conftest   # as the tests do: offline, `FASTAI_HOME` gets a `data/` linked to `../shared/data` (unless it is set)
     todo = [Path(a).resolve() for a in sys.argv[1:]] or notebooks()
     failed = [nb for nb in todo if not refresh(nb)]
     if any(nb.name == 'index.ipynb' for nb in todo) and not failed:
