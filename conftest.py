@@ -1,5 +1,6 @@
-"Test setup shared by `tests/`: the `--quick` switch and offline data for fastai's `untar_data`."
-import os, tempfile
+"""Test setup shared by `tests/`: the `--quick` switch, offline data for fastai's `untar_data`, and a check that the
+test command leaves the tree as it found it (it never records the docs' results: only `tools/refresh_notebooks.py` does)."""
+import os, subprocess, tempfile
 from pathlib import Path
 import pytest
 
@@ -26,3 +27,20 @@ def _link_shared_data():
     os.environ['FASTAI_HOME'] = str(home)
 
 _link_shared_data()
+os.environ.pop('FASTFOLD_RECORD_RESULTS', None) # the tests run the docs notebooks, but only a refresh records their results
+
+def _tree_state() -> str|None:
+    "What `git status` says of the tree (tracked changes and untracked files), or `None` outside a git checkout"
+    try: res = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=all'], cwd=ROOT, capture_output=True, text=True)
+    except OSError: return None
+    return res.stdout if res.returncode == 0 else None
+
+def pytest_sessionstart(session): session.config._tree_before = _tree_state()
+
+def pytest_sessionfinish(session, exitstatus):
+    "Fail the run if the tests changed, added or removed files in the tree"
+    before,after = getattr(session.config, '_tree_before', None),_tree_state()
+    if before is None or after is None or before == after: return
+    changed = sorted(set(after.splitlines()) ^ set(before.splitlines()))
+    print('\nThe tests changed the tree (git status before and after differ):\n  ' + '\n  '.join(changed[:20]))
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -5,10 +5,10 @@ The docs site shows the outputs saved in the notebooks and runs nothing, so afte
     python tools/refresh_notebooks.py nbs/02_fold.ipynb ...   # just these
 Each notebook runs in its own process with nbdev's own runner (`nbdev.test.test_nb`, as `nbdev-test` does), is saved
 only if every cell succeeds, and is then cleaned with `nbdev-clean`'s rules. API notebooks run first, tutorials next
-(they record the results the README reads), `nbs/index.ipynb` last, then README.md is rendered from it
+(they record the results the README reads, which only a refresh does), `nbs/index.ipynb` last, then README.md is rendered from it
 (`tools/build_readme.py`). `tests/test_saved_outputs.py` checks what was saved.
 """
-import subprocess, sys, time
+import os, subprocess, sys, time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,7 +34,8 @@ sys.exit(0 if ok else 1)
 def refresh(nb:Path) -> bool:
     "Run `nb` in a fresh process, save its outputs and clean it; False if a cell failed (the notebook is then left as it was)"
     t = time.time()
-    res = subprocess.run([sys.executable, '-c', RUN, str(nb), str(ROOT)], cwd=ROOT)
+    env = {**os.environ, 'FASTFOLD_RECORD_RESULTS': '1'} # a refresh records what the tutorials measured (nbs/tutorials/_results.py)
+    res = subprocess.run([sys.executable, '-c', RUN, str(nb), str(ROOT)], cwd=ROOT, env=env)
     print(f'{"saved " if res.returncode == 0 else "FAILED"} {nb.relative_to(ROOT)} ({time.time()-t:.0f} s)', flush=True)
     return res.returncode == 0
 
