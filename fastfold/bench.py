@@ -19,7 +19,7 @@ from fastprogress.fastprogress import progress_bar
 from .core import one_line
 from .layers import bn_layers, bn_flavour
 from .fold import BN_Folder, n_params, output_difference
-from .scan import UnsafeFileError, scan_torch_file, load_learner_checked
+from .scan import UnsafeFileError, scan_torch_file, load_learner_checked, TRUST
 
 # %% auto #0
 __all__ = ['DEFAULT_MODELS', 'DEFAULT_BS', 'DEFAULT_SIZES', 'CSV_COLUMNS', 'BenchError', 'model_source', 'load_model',
@@ -64,11 +64,12 @@ def _learner_errors(name:str):
 
 def load_model(name:str, # torchvision or timm model name, or fastai learner `.pkl` file
                seed:int=0, # seeds the random weights of a named model
+               trust:bool=False, # load a learner file without checking it first: only for a file from a source you trust
               ) -> nn.Module:
     "An eval-mode model: a named one with random weights (nothing is downloaded), or the `model` of a learner file, once checked"
     src = model_source(name)
     if src == 'learner':
-        with _learner_errors(name): return load_learner_checked(name, cpu=True).model.eval()
+        with _learner_errors(name): return load_learner_checked(name, cpu=True, trust=trust).model.eval()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if src == 'torchvision':
@@ -233,7 +234,7 @@ def calls_per_block(ms:float, min_time:float) -> int:
     return max(1, math.ceil(min_time*1000/ms)) if ms > 0 else 1
 
 # %% ../nbs/06_bench.ipynb #a4d7153f
-def check_request(models, bs, sizes, device, reps=1, fold_reps=1) -> list:
+def check_request(models, bs, sizes, device, reps=1, fold_reps=1, trust=False) -> list:
     "`BenchError` for anything the benchmark cannot run; returns the models with names checked"
     if not models: raise BenchError('no models given')
     for b in bs:
@@ -248,16 +249,16 @@ def check_request(models, bs, sizes, device, reps=1, fold_reps=1) -> list:
     if dev.type not in ('cpu', 'cuda'): raise BenchError(f'device {device!r}: only cpu and cuda are supported')
     for m in models:
         if not isinstance(m, (str, nn.Module, tuple)): raise BenchError(f'not a model: {type(m).__name__}')
-        if isinstance(m, str) and model_source(m) == 'learner':
+        if isinstance(m, str) and model_source(m) == 'learner' and not trust:
             with _learner_errors(m): scan_torch_file(m) # before any model runs
     return list(models)
 
-def _named(m, seed, size, device) -> tuple[str,nn.Module]:
+def _named(m, seed, size, device, trust=False) -> tuple[str,nn.Module]:
     "`(name, eval-mode model on device)`: a named model is loaded and, unless it is a learner, gets random BN statistics"
     if isinstance(m, tuple): name,model = m
     elif isinstance(m, nn.Module): name,model = type(m).__name__,m
     else:
-        name,model = m,load_model(m, seed)
+        name,model = m,load_model(m, seed, trust)
         if model_source(m) != 'learner':
             g = torch.Generator().manual_seed(seed)
             calibrate_bn(model, torch.randn(4, input_channels(model), size, size, generator=g), seed)
@@ -326,16 +327,17 @@ def bench(models=DEFAULT_MODELS, # names (torchvision, timm, learner `.pkl`), mo
           compiled:bool=False, # also time `torch.compile` of the original and of the folded model
           seed:int=0, # seeds weights, BN statistics and inputs
           progress:bool=True, # show a progress bar over the runs
+          trust:bool=False, # load learner files without checking them first: only files from a source you trust
          ) -> pd.DataFrame:
     "One row per model, batch size, input size and variant: latency, throughput, params, BN left, output difference, fold time"
-    models = check_request(models, bs, sizes, device, reps, fold_reps)
+    models = check_request(models, bs, sizes, device, reps, fold_reps, trust)
     runs = [(i,b,s) for i in range(len(models)) for b in bs for s in sizes]
     rows,cur,pb = [],None,(progress_bar(runs) if progress else None) # fastprogress prints even with display=False
     for i,b,s in (runs if pb is None else pb):
         if pb is not None: pb.comment = f'{models[i] if isinstance(models[i], str) else "model"}, bs {b}, {s}px'
         if cur is None or cur[0] != i:
             cur = None; gc.collect()
-            name,model = _named(models[i], seed, min(sizes), device)
+            name,model = _named(models[i], seed, min(sizes), device, trust)
             vs = make_variants(model, fold_reps, compiled)
             g = torch.Generator().manual_seed(seed)
             x1 = torch.randn(1, input_channels(model), min(sizes), min(sizes), generator=g).to(device)
@@ -474,13 +476,14 @@ def fastfold_bench(
     csv:str=None, # write the rows to this CSV file
     plot:str=None, # write a PNG bar chart of latency relative to original here
     no_progress:bool=False, # hide the progress bar
+    trust:bool=False, # load learner files as fastai does, without the allowlist check their pickle gets first: only files from a source you trust
 ):
     "Benchmark BatchNorm folding: original, fastfold, fx_fuse and no_bn (the floor), interleaved, on this machine"
     try:
         for opt,p in (('--csv', csv), ('--plot', plot)):
             if p and not Path(p).resolve().parent.is_dir(): raise BenchError(f'{opt} {p}: no folder {Path(p).parent}')
-        df = bench(models or DEFAULT_MODELS, bs, size, device, reps, warmup, min_time, fold_reps, compiled, seed, not no_progress)
-    except BenchError as e: raise CliError(f'fastfold-bench: error: {e}') from None
+        df = bench(models or DEFAULT_MODELS, bs, size, device, reps, warmup, min_time, fold_reps, compiled, seed, not no_progress, trust)
+    except BenchError as e: raise CliError(f'fastfold-bench: error: {str(e).replace(TRUST, "pass --trust to load a file from a source you trust")}') from None
     print(report(df, machine_info(device)))
     if csv: write_csv(df, csv); print(f'wrote {csv}')
     if plot: plot_relative(df, plot); print(f'wrote {plot}')

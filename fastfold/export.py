@@ -24,7 +24,7 @@ with quiet_fastai_import():
     from fastai.learner import Learner
     from fastai.torch_core import rank_distrib, to_device
 from .fold import BN_Folder, FoldReport, FoldCheckError
-from .scan import pickle_refs, unsafe_refs, torch_pickle, scan_torch_file, load_learner_checked, UnsafeFileError, _top_global
+from .scan import pickle_refs, unknown_calls, torch_pickle, scan_torch_file, load_learner_checked, UnsafeFileError, TRUST, _top_global
 
 # %% auto #0
 __all__ = ['batch_input', 'tfms_size', 'random_input', 'sample_input', 'atomic_write', 'check_export_file', 'FoldExportError',
@@ -188,14 +188,17 @@ def atomic_write(fname:str|Path, # the file to write
 def _is_ff_name(mod) -> bool: return isinstance(mod, str) and (mod == 'fastfold' or mod.startswith('fastfold.'))
 
 def check_export_file(fname:str|Path, # a file written by `torch.save`
+                      allow=(), # calls not known to be safe that may stay: those of a source file the user trusted
                      ):
-    "Raise if `fname` is not a whole `torch.save` archive, if loading it would call what `fastfold.scan` refuses, or would need fastfold"
+    "Raise if `fname` is not a whole `torch.save` archive, if loading it would make a call `fastfold.scan` does not know to be safe, or would need fastfold"
     with zipfile.ZipFile(fname) as z:
         if (bad := z.testzip()) is not None: raise ValueError(f'{bad} in {fname} is corrupt')
-    refs = pickle_refs(torch_pickle(Path(fname).read_bytes()))
-    if unsafe := unsafe_refs(refs):
-        raise ValueError(f'loading the file would call {", ".join(sorted(unsafe.values()))}, which can run commands or code: '
+    data = torch_pickle(Path(fname).read_bytes())
+    if unknown := [c for c in unknown_calls(data) if c not in allow]:
+        raise ValueError(f'loading the file would call what is not known to be safe: {", ".join(unknown[:4])}'
+                         f'{f" and {len(unknown)-4} more" if len(unknown) > 4 else ""}: '
                          'remove what the learner keeps that pickles as such a call')
+    refs = pickle_refs(data)
     ff = sorted(r for r in refs if _is_ff_name(r.split(':')[0]))
     if ff: raise ValueError(f'the file would need fastfold to load: it refers to {", ".join(ff)}; '
                             'remove the fastfold objects the learner or its callbacks keep')
@@ -328,9 +331,9 @@ def _why_not_loaded(src:Path, e:Exception) -> str:
         except Exception as e2: e = e2
     return f'loading it failed: {one_line(e)}'
 
-def _load_export(src:Path) -> Learner:
-    "The learner in `src`, loaded once `fastfold.scan` found nothing it refuses; fastai's warning that loading runs code shows"
-    try: learn = load_learner_checked(src)
+def _load_export(src:Path, trust:bool=False) -> Learner:
+    "The learner in `src`, loaded once `fastfold.scan` found every call known to be safe (unless `trust`); fastai's warning shows"
+    try: learn = load_learner_checked(src, trust=trust)
     except UnsafeFileError as e: raise FoldFileError(str(e)) from None
     except Exception as e: raise FoldFileError(f'{src} is not a fastai export: {_why_not_loaded(src, e)}') from e
     if not isinstance(learn, Learner): raise FoldFileError(f'{src} holds a {type(learn).__name__}, not a fastai Learner')
@@ -349,6 +352,7 @@ def fold_learner_file(src:str|Path, # a learner written by `learn.export()`, fro
                       size:int|tuple|str|None=None, # input size for the check, if the learner's transforms do not tell it
                       rtol:float|None=None, # check tolerance relative to the largest output (default: `BN_Folder`'s)
                       atol:float=0., # absolute check tolerance on top of `rtol`
+                      trust:bool=False, # load `src` without checking its pickle: only for a file from a source you trust
                      ) -> FoldedFile:
     "Check the exported learner `src` (`fastfold.scan`) and load it, fold its model, check it on a sample input, write it to `dst` atomically"
     src = Path(src)
@@ -360,7 +364,8 @@ def fold_learner_file(src:str|Path, # a learner written by `learn.export()`, fro
     if dst.exists() and not force: raise FoldFileError(f'{dst} exists: pass --force to overwrite it')
     if not dst.parent.is_dir(): raise FoldFileError(f'{dst.parent} is not a folder: cannot write {dst}')
     bytes_before = src.stat().st_size
-    learn = _load_export(src)
+    allow = set(unknown_calls(torch_pickle(src.read_bytes()))) if trust else () # what the trusted source had may stay
+    learn = _load_export(src, trust)
     try: args = sample_input(learn, size)
     except Exception as e: raise FoldFileError(f'cannot make a sample input for the check: {one_line(e)} (--size)') from e
     shapes = [tuple(a.shape) for a in args if isinstance(a, Tensor)]
@@ -368,7 +373,7 @@ def fold_learner_file(src:str|Path, # a learner written by `learn.export()`, fro
     try: folded = folder.fold(_unwrap(learn.model), args)
     except Exception as e:
         raise FoldFileError(f'folding {src} failed (sample input of shape {", ".join(map(str, shapes))}): {one_line(e)}') from e
-    try: atomic_write(dst, partial(_save_learner, learn, folded, cloudpickle, 2), check_export_file)
+    try: atomic_write(dst, partial(_save_learner, learn, folded, cloudpickle, 2), partial(check_export_file, allow=allow))
     except Exception as e: raise FoldFileError(f'writing {dst} failed: {one_line(e)}') from e
     return FoldedFile(src, dst, folder.report, bytes_before, dst.stat().st_size, shapes)
 
@@ -381,12 +386,14 @@ def fastfold_fold(
     size:str=None, # input size for the check (`224` or `160,128`), if the learner's resizing transforms do not tell it
     rtol:float=None, # check tolerance relative to the largest output (default 1e-4)
     atol:float=0., # absolute check tolerance on top of `rtol`
+    trust:bool=False, # load SRC without checking it first, as fastai does: only for a file from a source you trust
 ):
     """Fold the BatchNorm of an exported fastai learner into its layers, check the outputs, and write it as a new export.
-    Loading a fastai export runs code from it: fold only files you trust. The file is read first, without running
-    it, and refused if loading it would call something that runs commands or code or reaches the OS or the network
-    (os.system, subprocess, exec and the like, also through getattr on a module). Code inside the functions and
-    classes that the file rebuilds by value (cloudpickle) is not checked: a file that passes is not proven safe."""
-    try: res = fold_learner_file(src, Output, force, size, rtol, atol)
-    except FoldFileError as e: raise SystemExit(f'fastfold-fold: error: {e}') from None
+    Loading a fastai export runs code from it. So the file is read first, without running it, and loaded only if
+    every call its pickle would make is on fastfold's allowlist (what real fastai exports call to rebuild their data);
+    otherwise it is refused in one line, and nothing from it runs. Passing is not proof of safety: functions and
+    classes that the file rebuilds by value (cloudpickle: a label function defined in a notebook) are code from the
+    file, and run when fastai calls them. --trust loads a file from a source you trust without the check."""
+    try: res = fold_learner_file(src, Output, force, size, rtol, atol, trust)
+    except FoldFileError as e: raise SystemExit(f'fastfold-fold: error: {str(e).replace(TRUST, "pass --trust to load a file from a source you trust")}') from None
     print(res)

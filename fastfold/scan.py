@@ -1,4 +1,4 @@
-"""Look before loading: what the pickle in a `torch.save` file would import and call, read without unpickling it, and the refusal of a file that would run commands or code.
+"""Look before loading: a learner file is loaded only when every call its pickle would make is known to be safe, checked without unpickling it.
 
 Docs: https://fastfold.github.io/fastfold/scan.html.md"""
 
@@ -6,28 +6,44 @@ Docs: https://fastfold.github.io/fastfold/scan.html.md"""
 
 # %% ../nbs/04_scan.ipynb #c1fdba38
 from __future__ import annotations
-import _compat_pickle, inspect, io, logging, pickletools, struct, sys, types
+import _compat_pickle, operator, builtins, collections, copyreg, functools, importlib, importlib.util, inspect, io, pathlib
+import pickletools, sys, types
 from fnmatch import fnmatchcase
 from pathlib import Path
 import torch
-from picklescan.scanner import scan_pickle_bytes, SafetyLevel
 from .core import one_line, quiet_fastai_import
 with quiet_fastai_import(): from fastai.learner import load_learner
 
 # %% auto #0
-__all__ = ['UNSAFE', 'ANY_OWNER', 'IMPORT_RUNS', 'SCANNER_ALLOWS', 'pickle_refs', 'unsafe_refs', 'UnsafeFileError',
-           'torch_pickle', 'scan_torch_file', 'load_learner_checked']
+__all__ = ['SAFE_CALLS', 'SAFE_METHODS', 'RETURNS', 'WHY_REFUSED', 'IMPORT_RUNS', 'TRUST', 'pickle_refs', 'unknown_calls',
+           'UnsafeFileError', 'torch_pickle', 'scan_torch_file', 'load_learner_checked']
 
 # %% ../nbs/04_scan.ipynb #8929c6d7
 _STR_OPS = {'SHORT_BINUNICODE', 'BINUNICODE', 'BINUNICODE8', 'UNICODE', 'SHORT_BINSTRING', 'BINSTRING', 'STRING'}
+_BYTES_OPS = {'SHORT_BINBYTES', 'BINBYTES', 'BINBYTES8', 'BYTEARRAY8'}
 _GETS,_PUTS = {'GET', 'BINGET', 'LONG_BINGET'},{'PUT', 'BINPUT', 'LONG_BINPUT'}
-_IN_PLACE = {'APPEND', 'APPENDS', 'SETITEM', 'SETITEMS', 'ADDITEMS', 'BUILD'} # change the object under them, which stays
 _TUPLES = {'EMPTY_TUPLE': 0, 'TUPLE1': 1, 'TUPLE2': 2, 'TUPLE3': 3}
-_IMPORTERS = ('cloudpickle*:subimport', 'importlib:import_module', 'builtins:__import__') # `f('os')` is the module `os`
-_MARK,_ANY = object(),object()
+_MARK,_ANY = object(),object() # a MARK on the stack; a plain value the scan does not follow (a number, a list, ...)
 
 class _Global(str): "A global the unpickler looks up, `'module:qualname'`"
 class _Module(str): "A module on the unpickler's stack, such as what cloudpickle's `subimport('os')` returns"
+
+class _Dict:
+    "A dict the pickle builds, and the string keys it is given (`keys` is `None` once a key is not a string)"
+    def __init__(self): self.keys = set()
+
+class _Code:
+    "A function or class that cloudpickle rebuilds from the file (by value): its code runs when it is called"
+    def __init__(self, kind:str, name:str='?', bases=(), keys:set|None=set()): self.kind,self.name,self.bases,self.keys = kind,name,bases,keys
+    def __str__(self): return f'the {self.kind} {self.name} rebuilt from the file' if self.name != '?' else f'a {self.kind} rebuilt from the file'
+
+class _Obj:
+    "An object the pickle builds, of class `cls` (a class, a `_Code` class, or `None`); a `partial` knows its `func`"
+    def __init__(self, cls=None, func=_ANY): self.cls,self.func = cls,func
+
+class _Bound:
+    "`getattr(obj, name)` on an object the pickle builds: the function `fn` found on its class `cls`"
+    def __init__(self, cls, name:str, fn): self.cls,self.name,self.fn = cls,name,fn
 
 def _name(s) -> str: return s if type(s) is str else '?' # only a string constant is a name the scan can read
 
@@ -37,54 +53,102 @@ def _global(mod, name, proto:int) -> _Global:
     if proto < 3: mod,name = _compat_pickle.NAME_MAPPING.get((mod, name), (_compat_pickle.IMPORT_MAPPING.get(mod, mod), name))
     return _Global(f'{mod}:{name}')
 
-def _call(fn, args):
-    "What the scan knows of `fn(*args)`: the module an import returns, the attribute `getattr` gets, else nothing"
-    if not isinstance(fn, _Global) or type(args) is not tuple or not args: return _ANY
-    if any(fnmatchcase(fn, p) for p in _IMPORTERS): return _Module(_name(args[0]))
-    if fn != 'builtins:getattr' or len(args) < 2: return _ANY
-    o,name = args[0],_name(args[1])
-    if isinstance(o, _Module): return _Global(f'{o}:{name}')
-    return _Global(f'{o}.{name}' if isinstance(o, _Global) else f'?:{name}')
+class _Reader:
+    "Run the opcodes of a pickle on symbols, as the unpickler runs them on objects, asking `judge` what each call gives"
+    def __init__(self, data:bytes, judge): self.data,self.judge,self.refs = data,judge,set()
 
-def _walk(data:bytes) -> tuple[set[str], Exception|None]:
-    "What unpickling `data` reaches (see `pickle_refs`), and the error that stops the reading (`None` at `STOP`)"
-    refs,memo,stack,proto = set(),{},[],0
-    def push(v):
-        if isinstance(v, str) and type(v) is not str: refs.add(str(v)) # a global or a module
-        stack.append(v)
-    def pop(k:int) -> list:
-        if k > len(stack): raise ValueError('stack underflow')
-        items = stack[len(stack)-k:]
-        del stack[len(stack)-k:]
+    def push(self, v):
+        if isinstance(v, str) and type(v) is not str: self.refs.add(str(v)) # a global or a module
+        self.stack.append(v)
+    def pop(self, k:int) -> list:
+        if k > len(self.stack): raise ValueError('stack underflow')
+        items = self.stack[len(self.stack)-k:]
+        del self.stack[len(self.stack)-k:]
         return items
-    def pop_mark() -> list:
-        i = next((i for i in range(len(stack)-1, -1, -1) if stack[i] is _MARK), None)
+    def pop_mark(self) -> list:
+        s = self.stack
+        i = next((i for i in range(len(s)-1, -1, -1) if s[i] is _MARK), None)
         if i is None: raise ValueError('no MARK on the stack')
-        return pop(len(stack)-i)[1:]
-    try:
-        for op,arg,_ in pickletools.genops(data):
-            n = op.name
-            if n in _STR_OPS: push(arg)
-            elif n == 'PROTO': proto = arg
-            elif n == 'GLOBAL': push(_global(*arg.split(' ', 1), proto))
-            elif n == 'INST': refs.add(_global(*arg.split(' ', 1), proto)); pop_mark(); push(_ANY)
-            elif n == 'STACK_GLOBAL': push(_global(*pop(2), proto))
-            elif n == 'REDUCE': push(_call(*pop(2)))
-            elif n in _PUTS: memo[arg] = stack[-1]
-            elif n == 'MEMOIZE': memo[len(memo)] = stack[-1]
-            elif n in _GETS: push(memo[arg])
-            elif n == 'DUP': push(stack[-1])
-            elif n == 'MARK': push(_MARK)
-            elif n == 'TUPLE': push(tuple(pop_mark()))
-            elif n in _TUPLES: push(tuple(pop(_TUPLES[n])))
-            elif n in ('EXT1', 'EXT2', 'EXT4'): push(_Global('?:?')) # a global from the extension registry: no name to read
-            else: # pop what `op` takes, push what it gives: the same object for the in-place ones, else something
-                before = op.stack_before
-                if pickletools.markobject in before: pop_mark()
-                below = pop(before.index(pickletools.markobject) if pickletools.markobject in before else len(before))
-                for _ in op.stack_after: push(below[0] if n in _IN_PLACE else _ANY)
-    except Exception as e: return refs, e
-    return refs, None
+        return self.pop(len(s)-i)[1:]
+    def top(self):
+        if not self.stack: raise ValueError('stack underflow')
+        return self.stack[-1]
+
+    def run(self) -> Exception|None:
+        "Read the whole pickle; the error that stops the reading (`None` at `STOP`)"
+        self.stack,memo,proto,j = [],{},0,self.judge
+        try:
+            for op,arg,_ in pickletools.genops(self.data):
+                n = op.name
+                if n in _STR_OPS: self.push(arg)
+                elif n == 'PROTO': proto = arg
+                elif n in ('FRAME', 'STOP'): pass
+                elif n == 'GLOBAL': self.push(_global(*arg.split(' ', 1), proto))
+                elif n == 'STACK_GLOBAL': self.push(_global(*self.pop(2), proto))
+                elif n == 'INST':
+                    cls = _global(*arg.split(' ', 1), proto)
+                    self.refs.add(str(cls))
+                    self.push(j.call(cls, tuple(self.pop_mark())))
+                elif n == 'OBJ':
+                    cls,*args = self.pop_mark()
+                    self.push(j.call(cls, tuple(args)))
+                elif n == 'REDUCE': self.push(j.call(*self.pop(2)))
+                elif n == 'NEWOBJ': self.push(j.new(*self.pop(2), {}))
+                elif n == 'NEWOBJ_EX': self.push(j.new(*self.pop(3)))
+                elif n == 'BUILD': j.build(self.stack[-2] if len(self.stack) > 1 else None, *self.pop(1))
+                elif n == 'SETITEM': j.setitems(self.stack[-3] if len(self.stack) > 2 else None, self.pop(2)[:1])
+                elif n == 'SETITEMS': items = self.pop_mark(); j.setitems(self.top(), items[::2])
+                elif n == 'APPEND': self.pop(1); j.extend(self.top(), 'append')
+                elif n == 'APPENDS': self.pop_mark(); j.extend(self.top(), 'extend')
+                elif n == 'ADDITEMS': j.setitems(self.top(), self.pop_mark(), 'add')
+                elif n == 'EMPTY_DICT': self.push(_Dict())
+                elif n == 'DICT': items = self.pop_mark(); d = _Dict(); j.setitems(d, items[::2]); self.push(d)
+                elif n == 'FROZENSET': j.keys(self.pop_mark(), 'a frozenset'); self.push(_ANY)
+                elif n == 'BINPERSID': self.push(j.persistent(*self.pop(1)))
+                elif n == 'PERSID': self.push(j.persistent(arg))
+                elif n in _PUTS: memo[arg] = self.top()
+                elif n == 'MEMOIZE': memo[len(memo)] = self.top()
+                elif n in _GETS: self.push(memo[arg])
+                elif n == 'DUP': self.push(self.top())
+                elif n == 'MARK': self.push(_MARK)
+                elif n == 'POP': self.pop(1)
+                elif n == 'POP_MARK': self.pop_mark()
+                elif n == 'TUPLE': self.push(tuple(self.pop_mark()))
+                elif n in _TUPLES: self.push(tuple(self.pop(_TUPLES[n])))
+                elif n in ('EXT1', 'EXT2', 'EXT4'): self.push(j.extension(arg))
+                else: # a constant, a list or a buffer: pop what `op` takes, push a plain value
+                    before = op.stack_before
+                    if pickletools.markobject in before: self.pop_mark()
+                    else: self.pop(len(before))
+                    for _ in op.stack_after: self.stack.append(_ANY)
+        except Exception as e: return e
+        return None
+
+_IMPORTERS = ('cloudpickle*:subimport', 'importlib:import_module', 'builtins:__import__') # `f('os')` is the module `os`
+
+class _Names:
+    "What the reader needs to name what a pickle reaches: the module an import gives, the attribute `getattr` gets"
+    def call(self, fn, args):
+        if not isinstance(fn, _Global) or type(args) is not tuple or not args: return _Obj()
+        if any(fnmatchcase(fn, p) for p in _IMPORTERS): return _Module(_name(args[0]))
+        if fn == 'builtins:getattr' and len(args) >= 2: return self.getattr(args[0], _name(args[1]))
+        return _Obj(fn)
+    def getattr(self, o, name:str):
+        if isinstance(o, _Module): return _Global(f'{o}:{name}')
+        return _Global(f'{o}.{name}' if isinstance(o, _Global) else f'?:{name}')
+    def new(self, cls, args, kwargs): return _Obj(cls)
+    def build(self, target, state): pass
+    def setitems(self, target, keys, how='setitem'): pass
+    def extend(self, target, how): pass
+    def keys(self, items, what): pass
+    def persistent(self, pid): return _ANY
+    def extension(self, code): return _Global('?:?') # a global from the extension registry: no name to read
+
+def _walk(data:bytes, judge=None) -> tuple[set[str], Exception|None]:
+    "What unpickling `data` reaches (see `pickle_refs`), and the error that stops the reading (`None` at `STOP`)"
+    r = _Reader(data, judge or _Names())
+    err = r.run()
+    return r.refs, err
 
 def pickle_refs(data:bytes, # a pickle
                ) -> set[str]:
@@ -94,81 +158,376 @@ def pickle_refs(data:bytes, # a pickle
     return refs
 
 # %% ../nbs/04_scan.ipynb #a5abf73a
-UNSAFE = { # modules (space-separated patterns) -> names loading must not reach; `*`: every name, and the submodules
-    'os posix nt': 'system popen exec* spawn* posix_spawn*',
-    'subprocess _posixsubprocess runpy pty socket _socket ctypes _ctypes': '*',
-    'builtins': 'exec eval compile __import__ open breakpoint',
-    'shutil': 'rmtree',
-    'importlib': 'import_module __import__',
-    'pickle _pickle marshal': 'loads load Unpickler',
-    '*.__main__': '*',                                       # `python -m` entry points: importing one runs it
-    'fastcore.basics': 'exec_local exec_new',                # fastai's own dependency, on every fastai machine
-    'fastcore.xtras': 'shell run exec_eval load_pickle',
-    'fastcore.net torch.hub': '*'}
-ANY_OWNER = ('system popen spawn* posix_spawn* exec execl* execv* Popen check_output check_call getoutput getstatusoutput '
-             'rmtree import_module __import__ __globals__ __builtins__ __subclasses__') # `getattr(<unknown>, name)`
-IMPORT_RUNS = '*.__main__ antigravity' # modules whose import alone does something
-SCANNER_ALLOWS = {'builtins:getattr', 'functools:partial', *(f'cloudpickle.cloudpickle:{n}' for n in # in normal exports
-                  ('subimport', '_builtin_type', '_make_function', '_function_setstate', '_make_cell', '_make_empty_cell'))}
-logging.getLogger('picklescan').addHandler(logging.NullHandler()) # its warnings are what `unsafe_refs` returns
+_MISSING = object()
 
+def _lookup(o, qual:str):
+    "`o.a.b` for `qual` `'a.b'`, looked up without running code (no `__getattr__`, no property); `_MISSING` if absent"
+    for part in qual.split('.'):
+        try: o = inspect.getattr_static(o, part)
+        except AttributeError: return _MISSING
+        if isinstance(o, (staticmethod, classmethod)): o = o.__func__
+    return o
+
+def _resolve(ref:str):
+    "The object a `'module:qualname'` reference names, if its module is imported; `_MISSING` if not"
+    mod,_,qual = ref.partition(':')
+    m = sys.modules.get(mod)
+    if m is None or '?' in qual.split('.'): return _MISSING
+    return _lookup(m, qual) if qual else m
+
+def _spec(groups:dict) -> dict[str,str]:
+    "`{'module module2': 'name name2'}` -> `{'module:name': ..., ...}`"
+    return {f'{m}:{n}': why for (mods,names),why in groups.items() for m in mods.split() for n in names.split()}
+
+SAFE_CALLS = _spec({ # what a learner file may call while it loads, besides torch's own weights-only list: each builds data
+    ('builtins', 'set frozenset bytearray bytes complex slice range'): 'the builtin types',
+    ('builtins', 'staticmethod classmethod property'): 'wrap a function for a class (cloudpickle rebuilds classes with them)',
+    ('collections', 'OrderedDict defaultdict Counter deque'): 'containers',
+    ('_codecs', 'encode'): 'bytes at protocol 2 (str -> bytes)',
+    ('copyreg', '_reconstructor __newobj__ __newobj_ex__'): 'rebuild an object without calling its class (see below)',
+    ('functools', 'partial'): 'holds a function and arguments; calling it is checked as calling the function',
+    ('pathlib', 'Path PosixPath WindowsPath PurePath PurePosixPath PureWindowsPath'): 'paths (fastai learners keep `path`)',
+    ('datetime', 'datetime date time timedelta timezone'): 'dates',
+    ('types', 'CodeType SimpleNamespace'): 'code objects (inert until a function is built and called) and namespaces',
+    ('numpy', 'dtype ndarray'): "numpy's array reconstructors",
+    ('numpy._core.multiarray numpy.core.multiarray', '_reconstruct scalar'): "numpy's array reconstructors",
+    ('numpy.random._pickle', '__randomstate_ctor __bit_generator_ctor __generator_ctor'): "numpy's random states",
+    ('torch._tensor', '_rebuild_from_type_v2'): "tensor subclasses (checked like a call of its function)",
+    ('fastai.torch_core', '_rebuild_from_type'): "fastai's tensor subclasses (checked like a call of its function)",
+    ('torch', 'Size device dtype layout memory_format'): 'tensor metadata',
+    ('random', 'Random'): "a random number generator's state (fastai's data loaders keep one)",
+    ('inspect', 'Parameter Signature'): 'signatures, which fastcore keeps with functions',
+    ('re', '_compile'): 'compiled regular expressions',
+    ('types', 'MethodType'): 'a bound method; calling it is checked as calling its function',
+    ('functools', 'reduce'): 'only `reduce(operator.or_, types)`, how cloudpickle writes `int | None` (see below)',
+    ('pandas._libs.internals', '_unpickle_block'): "pandas' data frames (fastai's tabular learners keep one, empty)",
+    ('pandas._libs.arrays', '__pyx_unpickle_NDArrayBacked'): "pandas' data frames",
+    ('pandas.core.indexes.base', '_new_Index'): "pandas' data frames (an installed index class)",
+    ('pandas.core.internals.managers', 'BlockManager SingleBlockManager'): "pandas' data frames",
+    ('pandas', 'StringDtype CategoricalDtype Categorical Index RangeIndex DataFrame Series'): "pandas' data frames",
+    ('spacy.strings', 'StringStore'): "spaCy's tokenizer, which fastai's text learners keep",
+    ('spacy.vectors', 'unpickle_vectors'): "spaCy's tokenizer", ('spacy.morphology', 'unpickle_morphology'): "spaCy's tokenizer",
+    ('spacy.vocab', 'unpickle_vocab'): "spaCy's tokenizer", ('spacy.tokenizer', 'Tokenizer'): "spaCy's tokenizer",
+    ('cloudpickle.cloudpickle', '_make_function _make_cell _make_empty_cell _make_skeleton_class _make_skeleton_enum '
+     '_class_setstate _function_setstate _builtin_type _make_typevar _make_dict_keys _make_dict_values _make_dict_items '
+     'subimport'): "cloudpickle's builders of functions and classes by value (what they build is checked below)",
+})
+
+def _torch_safe() -> dict:
+    "What `torch.load(weights_only=True)` allows (its own list and `torch.serialization.add_safe_globals`), by object"
+    from torch._weights_only_unpickler import _get_allowed_globals
+    objs = [*_get_allowed_globals().values(), *torch.serialization.get_safe_globals(), *torch._storage_classes]
+    return {id(o): o for o in objs if not isinstance(o, (tuple, torch.serialization.StorageType))}
+
+SAFE_METHODS = _spec({ # Python methods unpickling may call on an object it builds, with arguments from the file
+    ('torch.nn.modules.module', 'Module.__setstate__ Module.__setattr__'): "nn.Module's: rebuild its dicts of parameters, buffers, modules, hooks",
+    ('torch.nn.modules.*', '*.__setstate__'): "torch's layers restore their own attributes (`_ConvNd`'s `padding_mode`, `RNNBase`'s weights)",
+    ('torch._dynamo.mutation_guard', 'install_generation_tagging_init.<locals>.patched_setstate'):
+        "what `nn.Module.__setstate__` is once `torch.compile` has run in the process: torch's, then a tag",
+    ('fastcore.basics', 'GetAttr.__setstate__ Stateful.__setstate__'): "fastcore's: `__dict__` updated (and `_init_state()`)",
+    ('fasttransform.transform', 'Pipeline.__setstate__'): '`__dict__` updated',
+    ('fastai.learner', 'Learner.__setstate__'): '`__dict__` updated, a new lock',
+    ('inspect', 'Parameter.__setstate__ Signature.__setstate__'): 'two attributes set',
+    ('torch._tensor', 'Tensor.__setstate__'): 'sets `requires_grad` and the tensor\'s `__dict__`',
+    ('torch.nn.parameter', 'Parameter.__new__'): 'a parameter around a tensor',
+    ('pathlib', 'PurePath.__new__ Path.__new__ PurePath.__setstate__'): 'paths',
+    ('enum', 'Enum.__new__'): 'looks a member up by value',
+    ('fastcore.basics', 'fastuple.__new__'): "fastcore's tuple",
+    ('random', 'Random.__setstate__'): 'a random state', ('torch.utils.hooks', 'RemovableHandle.__setstate__'): 'a hook handle',
+    ('pandas.core.generic', 'NDFrame.__setstate__'): "pandas' data frames",
+})
+
+# %% ../nbs/04_scan.ipynb #9f3b2a10
+_PLAIN_TYPES = (object, dict, list, set, frozenset, tuple, int, float, str, bytes, bytearray, complex)
+_CODE_TYPES = (types.FunctionType, types.MethodType, types.CodeType) # built from the file's code
+
+class _Refused(_Obj): "What a refused call gives: the scan goes on reading, and says nothing more about it"
+
+def _show(ref) -> str:
+    "How a refusal names `ref`"
+    if isinstance(ref, _Global): return str(ref).replace(':', '.').replace('?', '<unknown>')
+    if isinstance(ref, _Module): return f'the module {ref}'
+    if isinstance(ref, _Code): return str(ref)
+    if isinstance(ref, _Bound): return f'{_show_cls(ref.cls)}.{ref.name}'
+    if isinstance(ref, _Obj) and ref.cls is not None: return f'a {_show_cls(ref.cls)} object'
+    return 'something the scan cannot name'
+
+def _show_cls(c) -> str: return c.name if isinstance(c, _Code) else f'{c.__module__}.{c.__qualname__}' if isinstance(c, type) else _show(c)
+
+def _python_level(f) -> bool: return isinstance(f, types.FunctionType) # Python code; a C method is `builtin`/a descriptor
+
+def _qual(f) -> str: return f'{f.__module__}:{f.__qualname__}'
+
+class _Allowlist(_Names):
+    "Judge each call a pickle would make: known to be safe, or a problem (`problems`, in the order met)"
+    def __init__(self, safe_calls:dict, safe_methods:dict, why_refused:dict):
+        self.problems,self.why = [],why_refused
+        objs = [o for r in safe_calls if (o := _resolve(r)) is not _MISSING] + list(_torch_safe().values())
+        self.safe = {id(o) for o in objs}
+        self.safe_methods = {r for r in safe_methods}
+        self._keep = objs # the ids stay valid
+
+    def refuse(self, what:str) -> _Refused:
+        if what not in self.problems: self.problems.append(what)
+        return _Refused()
+
+    def cls_of(self, c):
+        "The class `c` names (a `_Global` or a `_Code` class), `_MISSING` if it names none"
+        if isinstance(c, _Code): return c if c.kind == 'class' else _MISSING
+        o = _resolve(c) if isinstance(c, _Global) else _MISSING
+        return o if isinstance(o, type) else _MISSING
+
+    # ---- what a by-value class defines, through its bases
+    def code_defines(self, c:_Code, names) -> str|None:
+        "The first of `names` that the by-value class `c` or a by-value base defines (`'?'` if the scan cannot tell)"
+        for k in [c, *(b for b in c.bases if isinstance(b, _Code))]:
+            if k.keys is None: return '?'
+            if hit := next((n for n in names if n in k.keys), None): return hit
+        return None
+    def installed_bases(self, c) -> list[type]:
+        if isinstance(c, type): return [c]
+        return [b for k in [c, *(b for b in c.bases if isinstance(b, _Code))] for b in k.bases if isinstance(b, type)]
+
+    def method(self, c, name:str):
+        "The method `name` of class `c` (installed or by value): `None` if none but `object`'s, a `_Code` or the function"
+        if isinstance(c, _Code):
+            if hit := self.code_defines(c, [name]): return _Code('method', f'{c.name}.{name}' if hit != '?' else f'{c.name}.<unknown>')
+        for b in self.installed_bases(c):
+            f = _lookup(b, name)
+            if f is not _MISSING and f is not getattr(object, name, _MISSING): return f
+        return None
+
+    def method_ok(self, c, name:str) -> bool:
+        "May unpickling call the method `name` of an object of class `c`?"
+        f = self.method(c, name)
+        if f is None: return True
+        if isinstance(f, _Code): self.refuse(f'{_show_cls(c)}.{name} (rebuilt from the file: its code would run)'); return False
+        if not _python_level(f) or any(fnmatchcase(_qual(f), p) for p in self.safe_methods): return True
+        self.refuse(f'{_qual(f).replace(":", ".")} (on a {_show_cls(c)})')
+        return False
+
+    def lookup_ok(self, c) -> bool:
+        "Does looking an attribute up on an object of class `c` run no code from the file? (an installed class's own may run)"
+        return not isinstance(c, _Code) or self.method_ok(c, '__getattribute__') and self.method_ok(c, '__getattr__')
+
+    # ---- calls
+    def call(self, fn, args):
+        if isinstance(fn, _Refused): return fn
+        if isinstance(fn, _Global):
+            o = _resolve(fn)
+            if fn == 'builtins:getattr' and type(args) is tuple and len(args) >= 2: return self.getattr(args[0], _name(args[1]))
+            if o is _MISSING: return self.refuse(f'{_show(fn)} (not found without running code)')
+            if (h := _SPECIAL.get(_qual(o) if callable(o) and hasattr(o, '__qualname__') else None)) and id(o) in self.safe:
+                return h(self, fn, args if type(args) is tuple else ())
+            if id(o) in self.safe or self.enum_lookup(o): return _Obj(o if isinstance(o, type) else RETURNS.get(_qual(o)))
+            why = next((w for p,w in self.why.items() if fnmatchcase(str(fn), p) or callable(o) and fnmatchcase(_qual(o), p)), None)
+            return self.refuse(_show(fn) + (f' ({why})' if why else ''))
+        if isinstance(fn, _Obj) and fn.func is not _ANY: return self.call(fn.func, ())  # a partial calls its function
+        if isinstance(fn, _Code): return self.refuse(f'{fn} (its code would run)')
+        if isinstance(fn, _Bound):
+            if isinstance(fn.fn, _Code): return self.refuse(f'{fn.fn} (its code would run)')
+            if id(fn.fn) in self.safe: return _Obj()
+        return self.refuse(f'{_show(fn)}')
+
+    def enum_lookup(self, o) -> bool:
+        "Is calling `o` looking a member of an installed `Enum` up by value, as pickle rebuilds a member?"
+        import enum
+        return isinstance(o, type) and issubclass(o, enum.Enum) and type(o).__call__ is enum.EnumMeta.__call__ and self.method_ok(o, '__new__')
+
+    def getattr(self, o, name:str):
+        if isinstance(o, _Refused): return o
+        if isinstance(o, (_Module, _Global)):
+            base = sys.modules.get(o) if isinstance(o, _Module) else _resolve(o)
+            attr = _lookup(base, name) if base is not None and base is not _MISSING and name != '?' else _MISSING
+            ref = super().getattr(o, name)
+            if isinstance(base, (type, types.ModuleType)) and _is_code_like(attr): return ref
+            return self.refuse(f'getattr({_show(o) if isinstance(o, _Global) else o}, {name!r})' +
+                               (' (not a function, class or module)' if attr is not _MISSING else ''))
+        if isinstance(o, _Code) or isinstance(o, _Obj) and isinstance(o.cls, _Code): # a property, a descriptor: code from the file
+            return self.refuse(f'getattr({_show(o)}, {name!r}) (its class is rebuilt from the file: a property of it would run)')
+        if isinstance(o, _Obj) and isinstance(o.cls, type):
+            f = self.method(o.cls, name)
+            if f is not None and _is_code_like(f): return _Bound(o.cls, name, f)
+        return self.refuse(f'getattr({_show(o)}, {name!r})')
+
+    def new(self, cls, args, kwargs):
+        "`cls.__new__(cls, *args, **kwargs)`, as `NEWOBJ` and `copyreg.__newobj__` call it"
+        if isinstance(cls, _Refused): return cls
+        c = self.cls_of(cls)
+        if c is _MISSING: return self.refuse(f'{_show(cls)}.__new__ (not a class)')
+        if isinstance(c, type):
+            if issubclass(c, type): return self.refuse(f'{_show_cls(c)}.__new__ (builds a class, which runs code of its bases)')
+            if issubclass(c, _CODE_TYPES): return _Code('function', f'built by {_show_cls(c)}')
+            if issubclass(c, functools.partial): return _Obj(c, args[0] if type(args) is tuple and args else _ANY)
+        return _Obj(c) if self.method_ok(c, '__new__') else _Refused()
+
+    def build(self, target, state):
+        "`BUILD`: `target.__setstate__(state)`, or `target.__dict__` updated and `setattr` for slot state"
+        if isinstance(target, _Refused): return
+        if isinstance(target, _Code):
+            if target.kind == 'class': target.keys = self.state_keys(state, target.keys)
+            return
+        if isinstance(target, _Obj):
+            c = target.cls
+            if c is None: return self.refuse(f'BUILD on an object the scan cannot name')
+            if isinstance(c, type) and issubclass(c, functools.partial):
+                if type(state) is tuple and state: target.func = state[0]
+                return
+            slots = type(state) is tuple and len(state) == 2 and state[1] is not None
+            self.lookup_ok(c) and self.method_ok(c, '__setstate__') and (not slots or self.method_ok(c, '__setattr__'))
+            return
+        if isinstance(target, (_Global, _Module, _Bound)): self.refuse(f'BUILD on {_show(target)}, which the file did not make (it would change it)')
+
+    def state_keys(self, state, keys):
+        d = state[0] if type(state) is tuple and state else state
+        if keys is None or not isinstance(d, _Dict) or d.keys is None: return None
+        return keys | d.keys
+
+    def setitems(self, target, keys, how='setitem'):
+        self.keys(keys, 'a dict key' if how == 'setitem' else 'a set')
+        if isinstance(target, _Dict):
+            if target.keys is not None: target.keys = None if any(type(k) is not str for k in keys) else target.keys | set(keys)
+        elif isinstance(target, (_Global, _Module, _Bound)): self.refuse(f'{how} on {_show(target)}, which the file did not make (it would change it)')
+        elif isinstance(target, _Obj) and isinstance(target.cls, _Code): self.method_ok(target.cls, '__setitem__' if how == 'setitem' else how)
+
+    def extend(self, target, how):
+        if isinstance(target, (_Global, _Module, _Bound)): self.refuse(f'{how} on {_show(target)}, which the file did not make (it would change it)')
+        elif isinstance(target, _Obj) and isinstance(target.cls, _Code): self.method_ok(target.cls, how)
+
+    def keys(self, items, what):
+        "Hashing `items` calls their `__hash__` (and `__eq__`): not code from the file"
+        for k in items:
+            if isinstance(k, _Obj) and isinstance(k.cls, _Code): self.method_ok(k.cls, '__hash__') and self.method_ok(k.cls, '__eq__')
+
+    def persistent(self, pid):
+        "torch's `persistent_load`: a tuple `('storage', storage class, key, location, size)`, nothing else"
+        ok = type(pid) is tuple and len(pid) == 5 and pid[0] == 'storage' and isinstance(pid[1], _Global) \
+             and id(_resolve(pid[1])) in self.safe
+        return _Obj(torch.storage.TypedStorage) if ok else self.refuse('a persistent id that is not a torch storage')
+
+    def extension(self, code): return self.refuse(f'a global from the extension registry (code {code})')
+
+
+def _is_code_like(a) -> bool:
+    "Is `a` a function, class, method or module: what `getattr` may fetch (not data, such as `sys.modules`)?"
+    import enum
+    return isinstance(a, (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType, types.MethodDescriptorType,
+                          types.WrapperDescriptorType, types.ClassMethodDescriptorType, enum.Enum))
+
+# %% ../nbs/04_scan.ipynb #7c1e4d22
+def _args(args, n): return tuple(args) + (_ANY,)*(n - len(args)) if len(args) < n else tuple(args)
+
+def _partial(j, fn, args): return _Obj(functools.partial, args[0] if args else _ANY)
+def _newobj(j, fn, args): return j.new(args[0], args[1:], {}) if args else j.refuse('copyreg.__newobj__ without a class')
+def _newobj_ex(j, fn, args): return j.new(*_args(args, 3))
+def _reconstructor(j, fn, args):
+    "`copyreg._reconstructor(cls, base, state)`: `base.__new__(cls, state)`, and `base.__init__` for a builtin base"
+    cls,base,_ = _args(args, 3)
+    b = j.cls_of(base)
+    if b not in _PLAIN_TYPES: return j.refuse(f'copyreg._reconstructor with base {_show(base)} (its __init__ would run)')
+    c = j.cls_of(cls)
+    return _Obj(c) if c is not _MISSING else j.refuse(f'copyreg._reconstructor of {_show(cls)} (not a class)')
+def _subtype(j, fn, args):
+    "numpy's `_reconstruct(subtype, shape, dtype)`: an installed array class"
+    c = j.cls_of(args[0] if args else _ANY)
+    return _Obj(c) if isinstance(c, type) else j.refuse(f'{_show(fn)} of {_show(args[0] if args else None)}')
+def _rebuild_from_type(j, fn, args):
+    "torch's and fastai's tensor subclasses: `func(*args)`, made a `new_type` (an installed tensor class), its state set"
+    func,new_type,a,_ = _args(args, 4)
+    res = j.call(func, a)
+    c = j.cls_of(new_type)
+    if not (isinstance(c, type) and issubclass(c, torch.Tensor)): return j.refuse(f'{_show(fn)} to {_show(new_type)} (not an installed tensor class)')
+    return _Obj(c) if j.method_ok(c, '__setstate__') and not isinstance(res, _Refused) else _Refused()
+def _method(j, fn, args): return _Obj(types.MethodType, args[0] if args else _ANY)
+def _union(j, fn, args):
+    "`functools.reduce(operator.or_, (int, None))`: how cloudpickle writes the type `int | None`, and nothing else"
+    f,items = _args(args, 2)
+    if not isinstance(f, _Global) or _resolve(f) is not operator.or_ or type(items) is not tuple or not all(isinstance(j.cls_of(t), type) or t is None for t in items):
+        return j.refuse(f'functools.reduce({_show(f)}, ...) (only `reduce(operator.or_, types)` is known)')
+    return _Obj(types.UnionType)
+def _make_function(j, fn, args): return _Code('function', _name(args[2]) if len(args) > 2 else '?')
+def _make_class(j, fn, args):
+    "cloudpickle's `_make_skeleton_class(metaclass, name, bases, ...)`: an empty class, by value"
+    meta,name,bases,*_ = _args(args, 3)
+    m = j.cls_of(meta)
+    if not isinstance(m, type): return j.refuse(f'{_show(fn)} with the metaclass {_show(meta)} (its code would run)')
+    bases = bases if type(bases) is tuple else ()
+    for b in bases:
+        c = j.cls_of(b)
+        if c is _MISSING: return j.refuse(f'{_show(fn)} with the base {_show(b)} (not a class)')
+        if isinstance(c, _Code) and j.code_defines(c, ['__init_subclass__']): return j.refuse(f'{c}.__init_subclass__ (its code would run)')
+    return _Code('class', _name(name), tuple(j.cls_of(b) for b in bases))
+def _make_enum(j, fn, args):
+    bases = args[0] if args and type(args[0]) is tuple else ()
+    if any(not isinstance(j.cls_of(b), type) for b in bases): return j.refuse(f'{_show(fn)} with bases rebuilt from the file')
+    return _Code('class', _name(args[1]) if len(args) > 1 else '?', tuple(j.cls_of(b) for b in bases))
+def _class_setstate(j, fn, args):
+    "cloudpickle sets the attributes of a class it rebuilds by value: only of such a class"
+    obj,state = _args(args, 2)
+    if not (isinstance(obj, _Code) and obj.kind == 'class'): return j.refuse(f'{_show(fn)} on {_show(obj)} (it would change it)')
+    obj.keys = j.state_keys(state, obj.keys)
+    return obj
+def _function_setstate(j, fn, args):
+    "cloudpickle sets the globals and attributes of a function it rebuilds by value: only of such a function"
+    obj = args[0] if args else None
+    return obj if isinstance(obj, _Code) else j.refuse(f'{_show(fn)} on {_show(obj)} (it would change it)')
+def _builtin_type(j, fn, args):
+    name = _name(args[0]) if args else '?'
+    return _Global('builtins:type') if name == 'ClassType' else j.getattr(_Module('types'), name)
+
+RETURNS = {'re:_compile': __import__('re').Pattern} # what a safe function gives, where `getattr` looks into it
+
+_SPECIAL = {'cloudpickle.cloudpickle:subimport': lambda j,fn,a: _Module(_name(a[0])) if a else _Refused(),
+            'functools:partial': _partial, 'builtins:method': _method, '_functools:reduce': _union, 'copyreg:__newobj__': _newobj, 'copyreg:__newobj_ex__': _newobj_ex,
+            'copyreg:_reconstructor': _reconstructor, 'numpy._core.multiarray:_reconstruct': _subtype,
+            'pandas._libs.arrays:__pyx_unpickle_NDArrayBacked': _subtype, 'pandas.core.indexes.base:_new_Index': _subtype,
+            'torch._tensor:_rebuild_from_type_v2': _rebuild_from_type, 'fastai.torch_core:_rebuild_from_type': _rebuild_from_type,
+            'cloudpickle.cloudpickle:_make_function': _make_function, 'cloudpickle.cloudpickle:_make_skeleton_class': _make_class,
+            'cloudpickle.cloudpickle:_make_skeleton_enum': _make_enum, 'cloudpickle.cloudpickle:_class_setstate': _class_setstate,
+            'cloudpickle.cloudpickle:_function_setstate': _function_setstate, 'cloudpickle.cloudpickle:_builtin_type': _builtin_type}
+
+WHY_REFUSED = { # not for the decision (what is not allowed is refused), for the reason a refusal gives
+    'torch.fx.graph_module:reduce_*': 'a torch.fx GraphModule: its Python source code runs when it is loaded',
+    'torch.storage:_load_from_bytes': 'a pickle inside the file', 'pickle:loads': 'a pickle inside the file',
+    '_pickle:loads': 'a pickle inside the file', 'torch.serialization:load': 'a pickle inside the file',
+    'numpy.lib.format:read_array': 'a pickle inside the file', 'dill*:loads': 'a pickle inside the file',
+}
+IMPORT_RUNS = '*.__main__ antigravity this __hello__ __phello__* idlelib.idle* turtledemo*' # importing them does something
+
+# %% ../nbs/04_scan.ipynb #3e8a0b61
 def _match(s:str, pats:str) -> bool: return any(fnmatchcase(s, p) for p in pats.split())
 
-def _by_rules(ref:str) -> bool:
-    "Is `ref` refused by `UNSAFE`, `ANY_OWNER`, `IMPORT_RUNS`, or as a name the scan cannot read?"
-    mod,sep,name = ref.partition(':')
-    if not sep: return _match(mod, IMPORT_RUNS)
-    if mod == '?': return name == '?' or _match(name.split('.')[0], ANY_OWNER)
-    if '?' in name.split('.'): return True
-    return any((fnmatchcase(mod, m) or names == '*' and fnmatchcase(mod, m + '.*')) and (names == '*' or _match(name.split('.')[0], names))
-               for mods,names in UNSAFE.items() for m in mods.split())
+def _import(mods) -> dict[str,str]:
+    "Import `mods` as unpickling would (refusing first those whose import does something); why each failed"
+    failed = {}
+    for m in sorted(mods):
+        if m in sys.modules: continue
+        try:
+            with quiet_fastai_import(): importlib.import_module(m)
+        except BaseException as e: failed[m] = one_line(e, 100) # `SystemExit` and the like included: nothing may stop the scan
+    return failed
 
-def _inner(ref:str) -> list[str]:
-    "The references inside the dotted `ref`: `x:os.path.join` holds `os:path.join`, `os.path:join` and `path:join`"
-    ps = ref.partition(':')[2].split('.')
-    return [f'{".".join(ps[i:j])}:{".".join(ps[j:])}' for i in range(len(ps)) for j in range(i+1, len(ps))]
+def _check(data:bytes, safe_calls:dict|None=None, safe_methods:dict|None=None) -> tuple[set[str], list[str], Exception|None]:
+    "What unpickling `data` reaches (`pickle_refs`), what it would do that is not known to be safe, and a reading error"
+    refs,err = _walk(data)
+    mods = {r.partition(':')[0] for r in refs} - {'?'}
+    if runs := sorted(m for m in mods if _match(m, IMPORT_RUNS)): return refs, [f'import {m} (importing it runs code)' for m in runs], err
+    failed = _import(mods)
+    j = _Allowlist(SAFE_CALLS if safe_calls is None else safe_calls, SAFE_METHODS if safe_methods is None else safe_methods, WHY_REFUSED)
+    _walk(data, j)
+    return refs, [p + next((f' (cannot import {m}: {failed[m]})' for m in failed if p.startswith(m + '.')), '') for p in j.problems], err
 
-def _identity(ref:str) -> str|None:
-    "What `ref` is, if its module is already imported: `'module:qualname'` of a function or class, `'module'` of a module"
-    mod,sep,qual = ref.partition(':')
-    o = sys.modules.get(mod)
-    if not sep or o is None or '?' in qual.split('.'): return None
-    for part in qual.split('.'):
-        try: o = inspect.getattr_static(o, part) # runs no code: no `__getattr__`, no property
-        except AttributeError: return None
-        if isinstance(o, (staticmethod, classmethod)): o = o.__func__
-    if isinstance(o, types.ModuleType): return o.__name__
-    if not isinstance(o, (type, types.FunctionType, types.BuiltinFunctionType, types.MethodType, types.MethodDescriptorType)): return None
-    m,q = getattr(o, '__module__', None),getattr(o, '__qualname__', None)
-    return f'{m}:{q}' if isinstance(m, str) and isinstance(q, str) else None
-
-def _as_pickle(refs) -> bytes:
-    "A protocol 4 pickle naming each of `refs` (`'module:name'`) in a `STACK_GLOBAL`, for a scanner that reads pickles"
-    s = lambda t: b'X' + struct.pack('<I', len(b := t.encode('utf-8', 'surrogatepass'))) + b
-    return b'\x80\x04' + b''.join(s(m) + s(n) + b'\x930' for m,_,n in (r.partition(':') for r in refs)) + b'N.'
-
-def _by_scanner(refs) -> set[str]:
-    "Those of `refs` that picklescan calls dangerous, but for `SCANNER_ALLOWS`"
-    named = sorted(r for r in refs if ':' in r and '?' not in r)
-    res = scan_pickle_bytes(io.BytesIO(_as_pickle(named)), 'fastfold', multiple_pickles=False)
-    return {f'{g.module}:{g.name}' for g in res.globals if g.safety == SafetyLevel.Dangerous} - SCANNER_ALLOWS
-
-def _show(ref:str) -> str: return ref.replace(':', '.').replace('?', '<unknown>')
-
-def unsafe_refs(refs:set[str], # references, as `pickle_refs` gives them
-               ) -> dict[str,str]:
-    "Those of `refs` loading must not reach, each with how to say it (`'x.os.system (= os.system)'` for one refused as another)"
-    ids = {r: _identity(r) for r in refs}
-    flagged = _by_scanner(set(refs) | {i for i in ids.values() if i})
-    out = {}
-    for r in refs:
-        hit = next((c for c in [r, *_inner(r), ids[r]] if c and (_by_rules(c) or c in flagged)), None)
-        if hit: out[r] = _show(r) if hit == r else f'{_show(r)} (= {_show(hit)})'
-    return out
+def unknown_calls(data:bytes, # a pickle
+                  safe_calls:dict|None=None, # default `SAFE_CALLS` (torch's weights-only list is always added)
+                  safe_methods:dict|None=None, # default `SAFE_METHODS`
+                 ) -> list[str]:
+    "What unpickling `data` would call or do that is not known to be safe, in the order met; `[]` if nothing"
+    _,bad,err = _check(data, safe_calls, safe_methods)
+    return bad + ([f'its pickle cannot be read ({one_line(err)})'] if err is not None else [])
 
 # %% ../nbs/04_scan.ipynb #442642a1
 class UnsafeFileError(Exception):
-    "A file refused before loading: its pickle would call something that can run commands or code"
+    "A file refused before loading: its pickle would make a call not known to be safe, or cannot be read to its end"
 
 def torch_pickle(raw:bytes, # the content of a file written by `torch.save`
                 ) -> bytes:
@@ -180,25 +539,29 @@ def torch_pickle(raw:bytes, # the content of a file written by `torch.save`
         return r.get_record('data.pkl')
     except RuntimeError as e: raise ValueError(f'PyTorch cannot read it: {one_line(e, 120)}') from None
 
+TRUST = 'trust=True loads a file from a source you trust' # how the refusal says the way out (`fastfold-fold` says `--trust`)
+
 def scan_torch_file(fname:str|Path, # a file written by `torch.save`
                     raw:bytes|None=None, # its content, if already read
+                    trust_hint:str=TRUST, # the way out the refusal names
                    ) -> set[str]:
-    "`pickle_refs` of what `torch.load(fname)` would unpickle; `UnsafeFileError` if it reaches `unsafe_refs` or cannot be read"
-    refs,err = _walk(torch_pickle(Path(fname).read_bytes() if raw is None else raw))
-    if bad := unsafe_refs(refs):
-        names = sorted(bad.values())
-        more = f' and {len(names)-4} more' if len(names) > 4 else ''
-        raise UnsafeFileError(f'refusing {fname}: loading it would call {", ".join(names[:4])}{more}, which can run commands '
-                              'or code, or reach the OS or the network; nothing from the file was run')
+    "`pickle_refs` of what `torch.load(fname)` would unpickle, once `unknown_calls` found nothing; else `UnsafeFileError`"
+    data = torch_pickle(Path(fname).read_bytes() if raw is None else raw)
+    refs,bad,err = _check(data)
+    if bad:
+        more = f' and {len(bad)-4} more' if len(bad) > 4 else ''
+        raise UnsafeFileError(f'refusing {fname}: loading it would call what is not known to be safe: {", ".join(bad[:4])}{more}; '
+                              f'nothing from the file was run ({trust_hint})')
     if err is not None: raise UnsafeFileError(f'refusing {fname}: its pickle cannot be read ({one_line(err)}); nothing from the file was run')
     return refs
 
 def load_learner_checked(fname:str|Path, # a learner written by `learn.export()`
                          cpu:bool=True, # as in `load_learner`
+                         trust:bool=False, # load without the check, as fastai does (with its warning): for a file from a source you trust
                         ):
-    "fastai's `load_learner(fname)` once `scan_torch_file` passed, on the bytes it checked; loading still runs code from the file"
+    "fastai's `load_learner(fname)` once `scan_torch_file` passed, on the bytes it checked"
     raw = Path(fname).read_bytes()
-    scan_torch_file(fname, raw)
+    if not trust: scan_torch_file(fname, raw)
     return load_learner(io.BytesIO(raw), cpu=cpu)
 
 def _top_global(data:bytes) -> str|None:
