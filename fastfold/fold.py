@@ -404,7 +404,7 @@ def _checked_stats(name:str, bn:nn.Module):
 
 @torch.no_grad()
 def folded_layer_params(layer:nn.Module, # a Conv, ConvTranspose or Linear
-                        folds:list[tuple[str,Tensor,Tensor]], # `(where, scale, shift)` of each BN folded into it, in order
+                        folds:list[tuple[str,Tensor,Tensor]], # `(where, scale, shift)` of each BN folded into it, the nearest first
                        ) -> tuple[nn.Parameter,nn.Parameter]:
     "New weight and bias for `layer` with `folds` absorbed, in its dtype, device, memory format and `requires_grad`"
     w,b = layer.weight.detach(), None if layer.bias is None else layer.bias.detach()
@@ -418,7 +418,7 @@ def folded_layer_params(layer:nn.Module, # a Conv, ConvTranspose or Linear
     return nn.Parameter(w, requires_grad=rg), nn.Parameter(b.to((layer.bias if layer.bias is not None else layer.weight).dtype), requires_grad=rg)
 
 def fold_plan(model:nn.Module, pairs:list[FoldedPair]) -> dict[str,tuple[nn.Parameter,nn.Parameter]]:
-    "New `(weight, bias)` of every layer in `pairs`, computed from `model` without changing it"
+    "New `(weight, bias)` of every layer in `pairs`, computed from `model` without changing it; a `via` pair after its `via`"
     folds = {}
     for p in pairs:
         scale,shift = _checked_stats(p.bn, model.get_submodule(p.bn))
