@@ -7,7 +7,7 @@ Docs: https://fastfold.github.io/fastfold/fold.html.md"""
 # %% ../nbs/02_fold.ipynb #6cf2ba6d
 from __future__ import annotations
 import copy
-from dataclasses import dataclass, field, replace, replace, replace, replace, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable
 import torch, torch.fx as fx
 from torch import nn, Tensor
@@ -233,10 +233,14 @@ _SHAPE_OPS = {'flatten', 'reshape', 'view', 'contiguous', 'permute', 'transpose'
 
 def _op(n:fx.Node) -> str|None:
     "The name of a shape op node (`x.flatten(0, 1)`, `torch.flatten(x)`...) applied to the tensor `n.args[0]`, or None"
-    name = n.target if n.op == 'call_method' else getattr(n.target, '__name__', None) if n.op == 'call_function' and getattr(torch, getattr(n.target, '__name__', ''), None) is n.target else None
+    if n.op == 'call_method': name = n.target
+    elif n.op == 'call_function': name = getattr(n.target, '__name__', '')
+    else: return None
+    if n.op == 'call_function' and getattr(torch, name, None) is not n.target: return None # not `torch.flatten` & co
     return name if name in _SHAPE_OPS and n.args and isinstance(n.args[0], fx.Node) else None
 
 def _arg(n:fx.Node, pos:int, name:str, default=None): return n.args[pos] if len(n.args) > pos else n.kwargs.get(name, default)
+
 _SHAPE_READS = {'size', 'dim', 'ndimension', 'numel'} # methods that read no values
 _SHAPE_OF = {'reshape_as', 'view_as', 'expand_as', 'type_as'} # methods that read only the shape (or dtype) of their argument
 
@@ -246,6 +250,7 @@ def _value_users(n:fx.Node) -> list[fx.Node]:
         if u.op == 'call_method': return u.target in _SHAPE_READS or (u.target in _SHAPE_OF and u.args[0] is not n)
         return u.op == 'call_function' and u.target is getattr and u.args[1] in ('shape', 'ndim', 'dtype', 'device')
     return [u for u in n.users if not shape_only(u)]
+
 def _cat_dim(n:fx.Node): return _arg(n, 1, 'dim', n.kwargs.get('axis', 0))
 def _layer(n:fx.Node, root) -> nn.Module|None:
     "The Conv, ConvTranspose or Linear that node `n` calls, or None"
@@ -345,8 +350,9 @@ def _width(n:fx.Node, root) -> int|None:
 
 def _pads_zeros(conv) -> bool:
     "Does `conv` pad its input with zeros?"
-    p = conv.padding if not isinstance(conv.padding, str) else [0]*len(conv.kernel_size) if conv.padding == 'valid' else [d*(k-1) for k,d in zip(conv.kernel_size, conv.dilation)]
-    return conv.padding_mode == 'zeros' and any(p)
+    if conv.padding_mode != 'zeros' or conv.padding == 'valid': return False
+    if conv.padding == 'same': return any(d*(k-1) for k,d in zip(conv.kernel_size, conv.dilation))
+    return any(conv.padding)
 
 def _pair_before(n, bn, root, shared):
     "The `FoldedPair` if the BN node `n` folds into the Linear (through Dropouts, a `cat`) or the conv it feeds, else `(None, reason)`"
@@ -383,7 +389,7 @@ def _pair_before(n, bn, root, shared):
         if sum(widths) != m.in_features: return None, f'`{u.target}` takes {m.in_features} features, its `cat` gives {sum(widths)}'
         start = sum(widths[:xs.index(last)])
         return replace(_pair(n, 'before', [(u.target, start, start+nb)], ('cat',)), via=via), None
-    if isinstance(m, _ConvTransposeNd): return None, f'it feeds `{u.target}` (a ConvTranspose), whose borders add up a varying number of its shifts'
+    if isinstance(m, _ConvTransposeNd): return None, f'it feeds `{u.target}`, a ConvTranspose: its outputs sum varying numbers of inputs, so the shift is no bias'
     if ndim not in (None, len(m.kernel_size)): return None, fallback
     if bn_flavour(bn).tail is not identity_tail: return None, 'it has an activation inside, which must come before the conv'
     if _pads_zeros(m): return None, f'`{u.target}` pads with zeros, where the BN\'s shift would be missing once folded'
