@@ -157,6 +157,8 @@ def _call_problem(calls, out, x, layer, where, op, who) -> str|None:
         return f'{who} changes the result of `{name}` before returning it (`{after}`)' if after else f'{who} does not return the result of `{name}`'
     if (u := [d.name for d in calls if d.uses(c.out)]): return f'{who} passes the result of `{name}` to `{u[0]}` as well as returning it'
     if where == 'before' and c.arg(0, 'input') is not x: return f'{who} changes its input before `{name}` (`{_chain(calls, x)}`), so a BN before it cannot be folded into its weight'
+    if where == 'before' and op is not F.linear and (pad := c.arg(4, 'padding', 0)) != 'valid' and any(tree_leaves(pad)):
+        return f'{who} calls `{name}` with zero padding, so a BN before it cannot be folded exactly'
     return None
 
 # %% ../nbs/01_layers.ipynb #cf703475
@@ -186,7 +188,7 @@ def _hooked(m:nn.Module) -> bool:
     return bool(m._forward_hooks or m._forward_pre_hooks or getattr(m, '_backward_hooks', None) or getattr(m, '_forward_hooks_with_kwargs', None))
 
 def layer_problem(m:nn.Module, # the layer a BN would be folded into
-                  where:str='after', # 'after': `m -> BN`; 'before': `BN -> m` (a Linear)
+                  where:str='after', # 'after': `m -> BN`; 'before': `BN -> m` (a Linear, or a conv)
                  ) -> str|None:
     "Why `m` cannot absorb a BN `where` it is, or `None` when the fold is exact"
     if not isinstance(m, (_ConvNd, nn.Linear)): return f'`{type(m).__name__}` is not a Conv, ConvTranspose or Linear'

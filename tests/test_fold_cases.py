@@ -163,10 +163,11 @@ def test_refuses_parametrized_conv():
     assert 'parametrizations' in r
 
 def test_refuses_activation_bn_before_linear():
-    # timm's BatchNormAct2d applies its activation after normalising: it can't be moved into the next layer
+    # timm's BatchNormAct2d applies its activation after normalising: it can't be moved into the next layer (a 1x1 conv
+    # with no padding, which a plain BN before it would fold into)
     m = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), BatchNormAct2d(4, act_layer=nn.ReLU), nn.Conv2d(4, 4, 1))
     [r] = left_reasons(m)
-    assert 'not a foldable layer' in r
+    assert r == 'it has an activation inside, which must come before the conv'
 
 def test_untraceable_block_only_loses_its_own_boundary():
     class Gate(nn.Module):

@@ -1,8 +1,9 @@
 """Property-based tests: random layer configurations fold exactly.
 
 For random Conv/ConvTranspose (1-3d, groups, stride, dilation, padding and padding modes, bias or not) and Linear
-layers followed by a BN with random statistics (affine or not), and random `BN -> Dropout -> Linear` heads, the
-folded float32 model must match a float64 evaluation of the original to float32 rounding.
+layers followed by a BN with random statistics (affine or not), random `BN -> Dropout -> Linear` heads, a BN before
+random convs (left when the conv pads zeros) and a BN after a `cat` of random convs, the folded float32 model must
+match a float64 evaluation of the original to float32 rounding.
 """
 import copy
 import torch
@@ -54,3 +55,34 @@ def test_linear_bn_in_either_order_folds_exactly(nin, nout, bias, affine, bn_fir
     if bn_first: model = nn.Sequential(nn.BatchNorm1d(nin, affine=affine), nn.Dropout(0.3), nn.Linear(nin, nout, bias=bias))
     else: model = nn.Sequential(nn.Linear(nin, nout, bias=bias), nn.BatchNorm1d(nout, affine=affine))
     assert_folds_exactly(model, torch.randn(4, nin), seed)
+
+@st.composite
+def bn_conv(draw):
+    "A BN before a random conv: it must fold exactly when the conv pads no zeros, and be left when it does"
+    dims,groups = draw(st.integers(1, 3)),draw(st.sampled_from([1, 2, 3]))
+    cin,cout = groups*draw(st.integers(1, 3)),groups*draw(st.integers(1, 3))
+    k,stride,dilation = draw(st.integers(1, 3)),draw(st.integers(1, 2)),draw(st.integers(1, 2))
+    mode,padding = draw(st.sampled_from(['zeros', 'reflect', 'replicate', 'circular'])),draw(st.integers(0, 1))
+    conv = getattr(nn, f'Conv{dims}d')(cin, cout, k, stride=stride, dilation=dilation, groups=groups, bias=draw(st.booleans()),
+                                      padding=padding, padding_mode=mode)
+    bn = getattr(nn, f'BatchNorm{dims}d')(cin, affine=draw(st.booleans()))
+    return nn.Sequential(bn, conv), torch.randn(2, cin, *[6 if dims < 3 else 5]*dims), mode == 'zeros' and padding > 0
+
+@SETTINGS
+@given(bn_conv(), st.integers(0, 2**16))
+def test_bn_before_conv_folds_exactly_unless_zero_padded(case, seed):
+    model, x, zero_padded = case
+    if not zero_padded: return assert_folds_exactly(model, x, seed)
+    f = BN_Folder(); f.fold(randomize_bn(model, seed=seed).eval())
+    assert not f.report.folded and 'pads with zeros' in f.report.left[0].reason
+
+class _CatBN(nn.Module):
+    def __init__(self, layers, bn): super().__init__(); self.layers,self.bn = nn.ModuleList(layers),bn
+    def forward(self, x): return self.bn(torch.cat([l(x) for l in self.layers], 1))
+
+@SETTINGS
+@given(st.lists(st.integers(1, 4), min_size=1, max_size=4), st.integers(1, 2), st.booleans(), st.integers(0, 2**16))
+def test_bn_after_cat_of_convs_folds_exactly(widths, dims, transposed, seed):
+    kind = getattr(nn, f'ConvTranspose{dims}d' if transposed else f'Conv{dims}d')
+    layers = [kind(3, w, 3, bias=i % 2 == 0) for i,w in enumerate(widths)]
+    assert_folds_exactly(_CatBN(layers, getattr(nn, f'BatchNorm{dims}d')(sum(widths))), torch.randn(2, 3, *[6]*dims), seed)
