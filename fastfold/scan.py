@@ -6,8 +6,7 @@ Docs: https://fastfold.github.io/fastfold/scan.html.md"""
 
 # %% ../nbs/04_scan.ipynb #c1fdba38
 from __future__ import annotations
-import _compat_pickle, operator, builtins, collections, copyreg, functools, importlib, importlib.util, inspect, io, pathlib
-import pickletools, sys, types
+import _compat_pickle, functools, importlib, inspect, io, operator, pickletools, re, sys, types
 from fnmatch import fnmatchcase
 from pathlib import Path
 import torch
@@ -369,7 +368,7 @@ class _Allowlist(_Names):
             return
         if isinstance(target, _Obj):
             c = target.cls
-            if c is None: return self.refuse(f'BUILD on an object the scan cannot name')
+            if c is None: return self.refuse('BUILD on an object the scan cannot name')
             if isinstance(c, type) and issubclass(c, functools.partial):
                 if type(state) is tuple and state: target.func = state[0]
                 return
@@ -475,7 +474,7 @@ def _builtin_type(j, fn, args):
     name = _name(args[0]) if args else '?'
     return _Global('builtins:type') if name == 'ClassType' else j.getattr(_Module('types'), name)
 
-RETURNS = {'re:_compile': __import__('re').Pattern} # what a safe function gives, where `getattr` looks into it
+RETURNS = {'re:_compile': re.Pattern} # what a safe function gives, where `getattr` looks into it
 
 _SPECIAL = {'cloudpickle.cloudpickle:subimport': lambda j,fn,a: _Module(_name(a[0])) if a else _Refused(),
             'functools:partial': _partial, 'builtins:method': _method, '_functools:reduce': _union, 'copyreg:__newobj__': _newobj, 'copyreg:__newobj_ex__': _newobj_ex,
