@@ -243,14 +243,20 @@ _BN_FUNCTIONS = {F.batch_norm, torch.batch_norm, torch.ops.aten.batch_norm.defau
                  torch.ops.aten._native_batch_norm_legit_no_training.default}
 
 def inlined_bn(model:nn.Module) -> int:
-    "Number of `batch_norm` function calls in the fx graphs inside `model`"
-    import torch.fx as fx
-    return sum(n.op == 'call_function' and n.target in _BN_FUNCTIONS
-               for m in model.modules() if isinstance(m, fx.GraphModule) for n in m.graph.nodes)
+    "Number of BNs inlined in the fx graphs inside `model`: `batch_norm` calls, and a conv's output multiplied by a stored tensor (a `FrozenBatchNorm2d` traced through)"
+    import operator, torch.fx as fx
+    def is_conv(gm, n): return n.op == 'call_module' and isinstance(gm.get_submodule(n.target), nn.modules.conv._ConvNd)
+    def inlined(gm, n):
+        if n.op != 'call_function': return False
+        if n.target in _BN_FUNCTIONS: return True
+        args = [a for a in n.args if isinstance(a, fx.Node)]
+        return (n.target in (operator.mul, torch.mul) and len(args) == 2 and any(is_conv(gm, a) for a in args)
+                and any(a.op == 'get_attr' for a in args))
+    return sum(inlined(m, n) for m in model.modules() if isinstance(m, fx.GraphModule) for n in m.graph.nodes)
 
 @torch.inference_mode()
 def bn_left(model:nn.Module, x:Tensor) -> int:
-    "BN layers `model` still runs on `x`: distinct BN modules called, plus `batch_norm` calls inlined in fx graphs"
+    "BN layers `model` still runs on `x`: distinct BN modules called, plus BNs inlined in fx graphs"
     called = set()
     hooks = [m.register_forward_pre_hook(lambda m,a: called.add(id(m))) for _,m in bn_layers(model)]
     try: model(x)
@@ -582,7 +588,8 @@ def plot_relative(df:pd.DataFrame, path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     groups = list(df.groupby(['model', 'batch_size', 'size', 'part'], sort=False))
     variants = list(dict.fromkeys(df.variant))
-    fig = Figure(figsize=(max(6, 0.35*len(groups)*len(variants) + 2), 4.5))
+    longest = max(len(str(m)) for (m,*_),_ in groups) # tick labels: the model's name, then part, batch size and size
+    fig = Figure(figsize=(max(6, 0.35*len(groups)*len(variants) + 2, 0.09*longest*len(groups) + 1.5), 4.5))
     FigureCanvasAgg(fig)
     ax,w = fig.subplots(),0.8/len(variants)
     for j,v in enumerate(variants):
@@ -597,7 +604,7 @@ def plot_relative(df:pd.DataFrame, path) -> None:
             lo.append(y - r.ms_min.iloc[0]/base); hi.append(r.ms_max.iloc[0]/base - y)
         ax.bar(xs, ys, w, yerr=[lo, hi], capsize=2, label=v)
     ax.axhline(1, color='k', lw=0.8, ls='--')
-    ax.set_xticks(range(len(groups)), [f'{m}{"" if p == "model" else " "+p}\nbs {b}, {s}px' for (m,b,s,p),_ in groups], fontsize=8)
+    ax.set_xticks(range(len(groups)), [f'{m}\n{"" if p == "model" else p+", "}bs {b}, {s}px' for (m,b,s,p),_ in groups], fontsize=8)
     ax.set_ylabel('latency / original latency')
     ax.set_title(f'fastfold-bench on {df.device.iloc[0]}: median latency relative to original (whiskers: min-max)', fontsize=9)
     ax.legend(fontsize=8, ncols=min(len(variants), 6), loc='lower center', bbox_to_anchor=(0.5, 1.07), frameon=False)
