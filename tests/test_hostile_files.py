@@ -110,10 +110,12 @@ def appeared(marker, wait=5.) -> bool:
 
 CASES = [(k, w) for w in ('top', 'learner') for k in KINDS if w == 'top' or k not in RAW_KINDS]
 IDS = [f'{k}-{w}' for k,w in CASES]
-# The commands share one check (`fastfold.scan`), which every case meets in-process through `load_learner_checked`;
-# each command meets every kind once, and a few of them inside a real export too (a process each: about 5 s).
-FOLD_CASES = [(k, 'top') for k in KINDS] + [(k, 'learner') for k in ('system', 'getattr-method', 'nested-pickle', 'by-value-setstate')]
-BENCH_CASES = [(k, 'top') for k in ('system', 'getattr-method', 'nested-pickle', 'fx-graphmodule', 'by-value-setstate', 'inst')] + [('system', 'learner')]
+# The commands share one check (`fastfold.scan`), which every case meets in-process through `load_learner_checked`
+# (and `FoldOnExport`); each command meets one payload of each rule, at the top of a file and inside a real export
+# (a process each: about 5 s, and CI has a time budget).
+CLI_KINDS = ('system', 'getattr-module', 'getattr-path', 'nested-pickle', 'fx-graphmodule', 'by-value-call', 'by-value-setstate', 'inst')
+FOLD_CASES = [(k, 'top') for k in CLI_KINDS] + [(k, 'learner') for k in ('getattr-method', 'by-value-new', 'by-value-hash')]
+BENCH_CASES = [(k, 'top') for k in ('system', 'getattr-method', 'nested-pickle', 'fx-graphmodule', 'by-value-setstate', 'obj')] + [('system', 'learner')]
 ids = lambda cases: [f'{k}-{w}' for k,w in cases]
 
 @pytest.fixture(scope='module')
