@@ -10,7 +10,7 @@ from typing import Callable, Iterable
 from warnings import warn
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from fastcore.basics import store_attr, noop
+from fastcore.basics import store_attr
 from fastcore.foundation import L
 from .core import quiet_fastai_import
 with quiet_fastai_import(): from fastai.callback.core import Callback, TrainEvalCallback
@@ -126,11 +126,10 @@ class FreezeBN(Callback):
         return not_in_head
 
     def before_fit(self):
-        self.restore()   # in case an error in another callback's `before_fit` ended the last fit
+        self.restore()   # if an error ended the last fit, no fastai event ran after it: its flags are given back now
         self.error = None
         try: self.frozen = freeze_bn(self.model, self.modules, self._filter(), self.stop_grads)
-        except ValueError as e: self.error = e; return   # raised at `before_train`: see below
-        self.learn._with_events = self._restore_on_error   # see `_restore_on_error`
+        except ValueError as e: self.error = e   # raised at `before_train`: see below
 
     def before_train(self):
         # `validate`, `get_preds` and `predict` run `before_fit` too but train nothing: a selection that finds no BN
@@ -140,14 +139,6 @@ class FreezeBN(Callback):
     def after_fit(self): self.restore()
 
     def restore(self):
-        "Give back the `requires_grad` flags this fit turned off (done at `after_fit`)"
+        "Give back the `requires_grad` flags this fit turned off (done at `after_fit`, and at the next `before_fit` after an error)"
         if self.frozen is not None: self.frozen.restore(modes=False)
         self.frozen = None
-        if self.learn is not None: self.learn.__dict__.pop('_with_events', None)
-
-    def _restore_on_error(self, f, event_type, ex, final=noop):
-        "Run an epoch with `Learner._with_events`; if an error ends it, restore now: fastai runs no `after_fit` then"
-        del self.learn._with_events   # the events inside the epoch go straight to fastai
-        try: type(self.learn)._with_events(self.learn, f, event_type, ex, final)
-        except BaseException: self.restore(); raise
-        self.learn._with_events = self._restore_on_error
