@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Callable
 import cloudpickle, torch
 from torch import nn, Tensor
-from torch.nn.modules.conv import _ConvNd
 from fastcore.basics import store_attr, first, patch
 from fastcore.foundation import L
 from fastcore.script import call_parse
@@ -22,104 +21,19 @@ from .core import one_line, quiet_fastai_import
 with quiet_fastai_import():
     from fastai.callback.core import Callback
     from fastai.learner import Learner
-    from fastai.torch_core import rank_distrib, to_device
+    from fastai.torch_core import rank_distrib
+from .inputs import sample_input
 from .fold import BN_Folder, FoldReport, FoldCheckError
 from .scan import pickle_refs, unknown_calls, torch_pickle, scan_torch_file, load_learner_checked, UnsafeFileError, TRUST, _top_global
 
 # %% auto #0
-__all__ = ['batch_input', 'tfms_size', 'random_input', 'sample_input', 'atomic_write', 'check_export_file', 'FoldExportError',
-           'export_folded', 'FoldOnExport', 'FoldFileError', 'FoldedFile', 'fold_learner_file', 'fastfold_fold']
+__all__ = ['atomic_write', 'check_export_file', 'FoldExportError', 'export_folded', 'FoldOnExport', 'FoldFileError', 'FoldedFile',
+           'fold_learner_file', 'fastfold_fold']
 
 # %% ../nbs/05_export.ipynb #dff23b5d
-def _loaders(dls) -> list:
-    "The `DataLoader`s of `dls`, validation first (it has no random augmentation)"
-    lds = list(getattr(dls, 'loaders', []))
-    return lds[1:2] + lds[:1]
-
-def _has_data(dl) -> bool:
-    try: return len(dl.dataset) > 0 and len(dl) > 0
-    except TypeError: return True # an iterable dataset: try it
-
 def _as_args(sample) -> tuple:
     "`sample` as the tuple of positional inputs `BN_Folder.fold` takes"
     return tuple(sample) if isinstance(sample, (tuple, list)) else (sample,)
-
-def _model_device(model:nn.Module):
-    return next((p.device for p in model.parameters()), None)
-
-def batch_input(learn:Learner, # a learner whose `dls` may hold data
-               ) -> tuple|None:
-    "The model inputs of one batch of `learn.dls` (validation set first), on the model's device, or `None` without data"
-    for dl in _loaders(learn.dls):
-        if not _has_data(dl): continue
-        b = dl.one_batch() if hasattr(dl, 'one_batch') else first(dl)
-        n_inp = getattr(learn.dls, 'n_inp', 1) # how fastai's `Learner._split` cuts a batch into `xb` and `yb`
-        xb = tuple(b[:n_inp]) if isinstance(b, (tuple, list)) else (b,)
-        dev = _model_device(learn.model)
-        return to_device(xb, dev) if dev is not None else xb
-    return None
-
-# %% ../nbs/05_export.ipynb #6aad2992
-_ITEM_RESIZES = ('Resize', 'RandomResizedCrop', 'CropPad', 'RandomCrop') # store `size` as (w, h), PIL's order
-_BATCH_RESIZES = ('AffineCoordTfm', 'RandomResizedCropGPU') # store `size` as (h, w), or an int
-
-def _is_a(o, names:tuple, module:str='fastai.') -> bool:
-    "Is `o` an instance of a class (or subclass of a class) called one of `names` from `module`?"
-    return any(c.__name__ in names and c.__module__.startswith(module) for c in type(o).__mro__)
-
-def _hw(size) -> tuple[int,int]|None:
-    if size is None: return None
-    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
-
-def tfms_size(dls) -> tuple[int,int]|None:
-    "`(height, width)` of the images `dls`'s transforms make, from its last resizing transform; `None` if none"
-    dl = first(_loaders(dls))
-    size = None
-    for t in getattr(getattr(dl, 'after_item', None), 'fs', []):
-        if _is_a(t, _ITEM_RESIZES) and getattr(t, 'size', None) is not None: size = (int(t.size[1]), int(t.size[0]))
-    for t in getattr(getattr(dl, 'after_batch', None), 'fs', []):
-        if _is_a(t, _BATCH_RESIZES) and getattr(t, 'size', None) is not None: size = _hw(t.size)
-    return size
-
-# %% ../nbs/05_export.ipynb #c822777b
-def _input_layer(model:nn.Module) -> nn.Module|None:
-    "The module that takes the model's input: fastai's `TabularModel`, or the first Conv, Linear or Embedding"
-    for m in model.modules():
-        if _is_a(m, ('TabularModel',)) or isinstance(m, (_ConvNd, nn.Linear, nn.Embedding, nn.EmbeddingBag)): return m
-    return None
-
-def random_input(learn:Learner, # the learner whose model (and transforms, for the image size) shape the input
-                 size:int|tuple|None=None, # spatial size for a Conv model (`224` or `(h, w)`), sequence length for an Embedding one
-                 n:int=4, # batch size
-                 seed:int=0, # seed of the random numbers
-                ) -> tuple:
-    "A random model input shaped from `learn.model`'s first layer and `learn.dls`'s transforms (see above)"
-    model = learn.model
-    m,g = _input_layer(model),torch.Generator().manual_seed(seed)
-    p = next(iter(model.parameters()), None)
-    dt,dev = (p.dtype if p is not None and p.is_floating_point() else torch.float32),(p.device if p is not None else None)
-    rand = lambda *s: torch.randn(*s, generator=g).to(dev, dt)
-    ints = lambda hi, *s: torch.randint(0, max(int(hi), 1), s, generator=g).to(dev)
-    if m is None: raise ValueError(f'cannot tell what input `{type(model).__name__}` takes: it has no Conv, Linear or Embedding layer')
-    if _is_a(m, ('TabularModel',)):
-        x_cat = torch.stack([ints(e.num_embeddings, n) for e in m.embeds], 1) if len(m.embeds) else ints(1, n, 0)
-        return x_cat, rand(n, m.n_cont)
-    if isinstance(m, (nn.Embedding, nn.EmbeddingBag)): return (ints(m.num_embeddings, n, int(size or 72)),)
-    if isinstance(m, nn.Linear): return (rand(n, m.in_features),)
-    nd = m.weight.ndim - 2
-    if size is None and nd == 2: size = tfms_size(learn.dls)
-    if size is None:
-        raise ValueError(f'cannot tell the input size of `{type(model).__name__}`, which starts with a {type(m).__name__}: '
-                         'no resizing transform in the learner (give a size)')
-    sz = (int(size),)*nd if isinstance(size, int) else tuple(int(s) for s in size)
-    if len(sz) != nd: raise ValueError(f'size {size} has {len(sz)} dimensions, the model\'s first layer ({type(m).__name__}) wants {nd}')
-    return (rand(n, m.in_channels, *sz),)
-
-def sample_input(learn:Learner, # the learner whose model is checked
-                 size:int|tuple|None=None, # for `random_input`, when `learn.dls` holds no data
-                ) -> tuple:
-    "Input for checking a fold of `learn.model`: one batch of `learn.dls` if it holds data, else `random_input`"
-    return batch_input(learn) or random_input(learn, size)
 
 # %% ../nbs/05_export.ipynb #13a6d0ad
 _fold_reports = weakref.WeakKeyDictionary()
@@ -285,7 +199,7 @@ def _not_exported(o) -> bool: return isinstance(o, FoldOnExport) or _is_fastfold
 # %% ../nbs/05_export.ipynb #daf8813d
 _fastai_export = getattr(Learner.export, '_fastfold_prev', Learner.export) # the `export` before fastfold's, even on re-import
 
-@patch
+@patch # fastai fires no event in `export` (it pickles the learner outside any loop): so one patched `export` honours `FoldOnExport`
 def export(self:Learner, fname='export.pkl', pickle_module=cloudpickle, pickle_protocol=2):
     "Export the content of `self` without the items and the optimizer state for inference; folded with a `FoldOnExport`"
     cb = first(cb for cb in self.cbs if isinstance(cb, FoldOnExport))

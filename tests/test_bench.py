@@ -93,13 +93,43 @@ def test_targets(df):
     v = targets(df)
     assert set(v.check) == {'fastfold output = original', 'fastfold / no_bn latency', 'fastfold / fx_fuse latency',
                             'fastfold runs where fx_fuse fails', 'fastfold / fx_fuse fold time'}
-    assert set(v.result) <= {'PASS', 'FAIL'}
     assert v[v.check == 'fastfold runs where fx_fuse fails'].model.tolist() == ['gated', 'gated']
     assert sorted(v[v.check == 'fastfold / fx_fuse fold time'].model) == ['mobilenetv3_small_050', 'resnet18']
     assert set(v[v.check == 'fastfold output = original'].result) == {'PASS'}
     lat = v[v.check == 'fastfold / no_bn latency']
     assert len(lat) == 6 and (lat.measured > 0).all()
     assert ((lat.measured <= 1.02) == (lat.result == 'PASS')).all()
+
+def group(**variants):
+    "`bench`'s rows for one model, batch size and size, made by hand: `variants` maps a variant to what differs from a good run"
+    base = dict(model='m', batch_size=1, size=16, part='model', ms_reps=[1.]*3, ms_median=1., max_abs_diff=0., out_scale=1.,
+                f64_diff=math.nan, fold_s=1., same_detections=None, nms_boxes=None, detections=None, note='')
+    return pd.DataFrame([dict(base, variant=k, **kw) for k,kw in variants.items()])
+
+def verdict(df, check):
+    v = targets(df)
+    return v[v.check == check].result.tolist()
+
+FX_FAILED = dict(ms_reps=[], ms_median=math.nan, note='fx_fuse failed: TraceError')
+DET = dict(same_detections=True, nms_boxes=100, detections=10)
+
+@pytest.mark.parametrize('check,good,bad', [
+    ('fastfold output = original', {}, dict(fastfold=dict(max_abs_diff=1e-3))),
+    ('fastfold output = original', {}, dict(fastfold=dict(ms_reps=[], ms_median=math.nan, max_abs_diff=math.nan, note='fastfold failed: x'))),
+    ('fastfold output = original', dict(original=dict(f64_diff=1e-3), fastfold=dict(max_abs_diff=1e-3, f64_diff=1.5e-3)),
+     dict(original=dict(f64_diff=1e-3), fastfold=dict(max_abs_diff=1e-3, f64_diff=3e-3))),
+    ('fastfold / no_bn latency', {}, dict(fastfold=dict(ms_reps=[1.1]*3))),
+    ('fastfold / fx_fuse latency', {}, dict(fx_fuse=dict(ms_reps=[0.9]*3))),
+    ('fastfold / fx_fuse fold time', {}, dict(fastfold=dict(fold_s=1.5))),
+    ('fastfold runs where fx_fuse fails', dict(fx_fuse=FX_FAILED),
+     dict(fx_fuse=FX_FAILED, fastfold=dict(ms_reps=[], ms_median=math.nan, max_abs_diff=math.nan, note='fastfold failed: x'))),
+    ('fastfold detections = original', dict(original=DET, fastfold=DET), dict(original=DET, fastfold=dict(DET, same_detections=False))),
+    ('fastfold detections = original', dict(original=DET, fastfold=DET), dict(original=DET, fastfold=dict(DET, nms_boxes=99)))])
+def test_every_verdict_can_fail(check, good, bad):
+    "Each target passes on a good run and says FAIL on the case it exists to catch (rows made by hand, nothing timed)"
+    def rows(changes): return group(**{k: changes.get(k, {}) for k in ('original', 'fastfold', 'fx_fuse', 'no_bn')})
+    assert verdict(rows(good), check) == ['PASS']
+    assert verdict(rows(bad), check) == ['FAIL']
 
 def test_csv_and_plot(df, tmp_path):
     write_csv(df, tmp_path/'b.csv')
@@ -165,3 +195,12 @@ def test_cli_errors(args, msg, tmp_path):
     lines = [l for l in res.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and lines[0].startswith('fastfold-bench: error:') and msg in lines[0], res.stderr
     assert res.stdout == '' and not (tmp_path/'b.csv').exists()
+
+def test_model_source_once_per_name(monkeypatch):
+    "A name's source is found once per run, however many batch sizes and sizes it is timed at"
+    import fastfold.bench as fb, fastfold.bench_models as bm
+    calls,orig = [],bm.model_source
+    def counted(name): calls.append(name); return orig(name)
+    monkeypatch.setattr(fb, 'model_source', counted); monkeypatch.setattr(bm, 'model_source', counted)
+    bench(['resnet18'], bs=[1, 2], sizes=[16, 24], **FAST)
+    assert calls == ['resnet18']

@@ -4,7 +4,7 @@ import pandas as pd, pytest, torch
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 from fastfold.bench import (CSV_COLUMNS, BenchError, bench, format_table, model_source, targets, write_csv, load_model,
-                            calibrate_bn, model_input, model_task, frozen_bn, frozen_when_trained, equal_work,
+                            calibrate_bn, model_input, model_task, to_frozen_batchnorm2d, frozen_when_trained, equal_work,
                             set_image_size, counting_nms, match_detections)
 from fastfold.layers import bn_layers
 
@@ -78,19 +78,19 @@ def test_targets_and_csv(df, tmp_path):
 
 def test_frozen_bn_as_with_weights():
     "Built by name, fasterrcnn_resnet50_fpn has the FrozenBatchNorm2d torchvision gives it when weights are loaded"
-    from fastfold.bench import _named
+    from fastfold.bench import prepared_model
     assert frozen_when_trained('fasterrcnn_resnet50_fpn') and not frozen_when_trained('ssdlite320_mobilenet_v3_large')
     assert frozen_when_trained('fasterrcnn_mobilenet_v3_large_320_fpn')  # its builder calls a helper that decides
-    _,m,task = _named('fasterrcnn_mobilenet_v3_large_320_fpn', 0, 64, 'cpu')
+    _,m,task = prepared_model('fasterrcnn_mobilenet_v3_large_320_fpn', 'torchvision', 0, 64, 'cpu')
     assert task == 'detection' and {type(b) for _,b in bn_layers(m)} == {FrozenBatchNorm2d}
-    _,m,_ = _named('ssdlite320_mobilenet_v3_large', 0, 64, 'cpu')
+    _,m,_ = prepared_model('ssdlite320_mobilenet_v3_large', 'torchvision', 0, 64, 'cpu')
     assert {type(b) for _,b in bn_layers(m)} == {nn.BatchNorm2d}
     d = bench(['fasterrcnn_mobilenet_v3_large_320_fpn'], bs=[1], sizes=[64], **FAST)
     r = d[d.part == 'model'].set_index('variant')
     assert r.loc['original'].bn_left == 46 and r.loc['fastfold'].bn_left == 0 and r.loc['original'].same_detections
     m = load_model('fasterrcnn_mobilenet_v3_large_320_fpn')
     assert {type(b) for _,b in bn_layers(m)} == {nn.BatchNorm2d}
-    assert {type(b) for _,b in bn_layers(frozen_bn(m))} == {FrozenBatchNorm2d}
+    assert {type(b) for _,b in bn_layers(to_frozen_batchnorm2d(m))} == {FrozenBatchNorm2d}
 
 def test_given_detector_left_alone():
     m = load_model('ssdlite320_mobilenet_v3_large')
