@@ -565,10 +565,14 @@ def float64_difference(model:nn.Module, # the unfolded model (not changed)
                       ) -> tuple[float,float,str]:
     "`(worst |difference|, largest |output|, cause)` of a float64 copy of `model` folded with `pairs` vs unfolded, on `args` in float64"
     m64,a64 = copy.deepcopy(model).to(torch.float64).eval(),_float64(args) # the one extra copy
-    with torch.inference_mode():
-        with _OpNames() as ops: expected = m64(*a64)
-        apply_plan(m64, pairs, fold_plan(m64, pairs))
-        got = m64(*a64)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64) # tensors the model makes as it runs (`torch.zeros(n)`) are float64 too
+    try:
+        with torch.inference_mode():
+            with _OpNames() as ops: expected = m64(*a64)
+            apply_plan(m64, pairs, fold_plan(m64, pairs))
+            got = m64(*a64)
+    finally: torch.set_default_dtype(old)
     return *output_difference(expected, got), _cause(ops.names)
 
 _PRETRAINED = 'transformers.modeling_utils.PreTrainedModel'

@@ -146,6 +146,13 @@ def test_frozen_bn_lookalike_is_left(sample):
     _,r = check(m, inputs(2, 3, 9, 9), 1, 0, sample)
     assert 'computes more than a per-channel affine map of its buffers' in r.left[0].reason, r
 
+def test_frozen_bn_with_a_hook_is_left():
+    from transformers.models.detr.modeling_detr import DetrFrozenBatchNorm2d
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), DetrFrozenBatchNorm2d(4))
+    m[1].register_forward_hook(lambda mod, args, out: out.relu())
+    _,r = check(m, inputs(2, 3, 9, 9), 1, 0, True)
+    assert r.left[0].reason == 'it has hooks', r
+
 # ---- ultralytics, from its yaml files
 @pytest.mark.parametrize('sample', [False, True])
 @pytest.mark.parametrize('cfg,n_bn', [('yolov8n.yaml', 57), ('yolo11n.yaml', 81)])
