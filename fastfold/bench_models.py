@@ -14,7 +14,7 @@ from typing import Callable
 import torch, torch.nn.functional as F
 from torch import nn, Tensor
 from .core import one_line
-from .layers import bn_layers
+from .layers import BN_FUNCTIONS, bn_layers
 from .inputs import random_batch, random_images, random_clips, input_channels
 from .scan import UnsafeFileError, scan_torch_file, load_learner_checked
 
@@ -245,16 +245,13 @@ def frozen_when_trained(name:str) -> bool:
     return any('FrozenBatchNorm2d if is_trained' in inspect.getsource(g) for g in [f, *helpers]) # the builder, or a helper it calls
 
 # %% ../nbs/06a_bench_models.ipynb #ac2d2327
-_BN_FUNCTIONS = {F.batch_norm, torch.batch_norm, torch.ops.aten.batch_norm.default,
-                 torch.ops.aten._native_batch_norm_legit_no_training.default}
-
 def inlined_bn(model:nn.Module) -> int:
     "Number of BNs inlined in the fx graphs inside `model`: `batch_norm` calls, and a conv's output multiplied by a stored tensor (a `FrozenBatchNorm2d` traced through)"
     import operator, torch.fx as fx
     def is_conv(gm, n): return n.op == 'call_module' and isinstance(gm.get_submodule(n.target), nn.modules.conv._ConvNd)
     def inlined(gm, n):
         if n.op != 'call_function': return False
-        if n.target in _BN_FUNCTIONS: return True
+        if n.target in BN_FUNCTIONS: return True
         args = [a for a in n.args if isinstance(a, fx.Node)]
         return (n.target in (operator.mul, torch.mul) and len(args) == 2 and any(is_conv(gm, a) for a in args)
                 and any(a.op == 'get_attr' for a in args))

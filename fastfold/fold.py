@@ -6,13 +6,14 @@ Docs: https://fastfold.github.io/fastfold/fold.html.md"""
 
 # %% ../nbs/02_fold.ipynb #6cf2ba6d
 from __future__ import annotations
-import copy
+import copy, warnings
 from dataclasses import dataclass, field, replace
 from typing import Callable
 import torch, torch.fx as fx
 from torch import nn, Tensor
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 from torch.nn.modules.dropout import _DropoutNd
+from torch.overrides import TorchFunctionMode
 from .core import one_line
 from .layers import *
 from .layers import _Overridden, _hooked, _n_out
@@ -20,7 +21,7 @@ from .layers import _Overridden, _hooked, _n_out
 # %% auto #0
 __all__ = ['bn_scale_shift', 'scale_out_channels', 'fold_bn_after', 'fold_bn_before', 'widen_affine', 'fold_bn_before_conv',
            'traced_graphs', 'FoldedPair', 'LeftBN', 'find_pairs', 'folded_layer_params', 'fold_plan', 'apply_plan',
-           'FoldCheckError', 'FoldReport', 'n_params', 'output_difference', 'BN_Folder', 'randomize_bn']
+           'FoldCheckError', 'FoldReport', 'n_params', 'output_difference', 'float64_difference', 'BN_Folder']
 
 # %% ../nbs/02_fold.ipynb #effa30cd
 def bn_scale_shift(mean:Tensor, # BN running mean
@@ -161,7 +162,7 @@ class LeftBN:
 def _bn_problem(bn:nn.Module) -> str|None:
     "Why `bn` cannot be folded, whatever its neighbours, or `None`"
     fl = bn_flavour(bn)
-    if isinstance(fl, _Overridden): return f'`{fl.name}` overrides `forward`: register it in `BN_FLAVOURS` to fold it'
+    if isinstance(fl, _Overridden): return fl.reason
     if getattr(bn, 'running_mean', None) is None or getattr(bn, 'track_running_stats', True) is False:
         return 'no running statistics (track_running_stats=False): it normalises with batch statistics'
     if isinstance(bn.running_mean, nn.parameter.UninitializedBuffer): return 'uninitialized lazy module'
@@ -378,7 +379,7 @@ def _pair_before(n, bn, root, shared):
     nb,ndim = bn.running_mean.numel(),bn_flavour(bn).ndim
     if isinstance(m, nn.Linear):
         if ndim not in (None, 1): return None, fallback
-        if bn_flavour(bn).tail is not identity_tail: return None, 'it has an activation inside, which must come before the Linear'
+        if keeps_tail(bn): return None, 'it has an activation inside, which must come before the Linear'
         if (why := layer_problem(m, 'before')): return None, why
         if shared(m): return None, f'`{u.target}` is called more than once'
         if cat is None:
@@ -391,7 +392,7 @@ def _pair_before(n, bn, root, shared):
         return replace(_pair(n, 'before', [(u.target, start, start+nb)], ('cat',)), via=via), None
     if isinstance(m, _ConvTransposeNd): return None, f'it feeds `{u.target}`, a ConvTranspose: its outputs sum varying numbers of inputs, so the shift is no bias'
     if ndim not in (None, len(m.kernel_size)): return None, fallback
-    if bn_flavour(bn).tail is not identity_tail: return None, 'it has an activation inside, which must come before the conv'
+    if keeps_tail(bn): return None, 'it has an activation inside, which must come before the conv'
     if _pads_zeros(m): return None, f'`{u.target}` pads with zeros, where the BN\'s shift would be missing once folded'
     if (why := layer_problem(m, 'before')): return None, why
     if shared(m): return None, f'`{u.target}` is called more than once'
@@ -406,7 +407,7 @@ def _checked_stats(name:str, bn:nn.Module):
     for k,v in vals.items():
         if v is not None and not torch.isfinite(v).all(): raise ValueError(f'BatchNorm `{name}` has non-finite {k}: refusing to fold it')
     if (vals['running_var'] < 0).any(): raise ValueError(f'BatchNorm `{name}` has negative running_var: refusing to fold it')
-    return bn_scale_shift(vals['running_mean'], vals['running_var'], bn.eps, vals['weight'], vals['bias'])
+    return bn_scale_shift(vals['running_mean'], vals['running_var'], bn_eps(bn), vals['weight'], vals['bias'])
 
 @torch.no_grad()
 def folded_layer_params(layer:nn.Module, # a Conv, ConvTranspose or Linear
@@ -472,6 +473,9 @@ class FoldReport:
     params_after: int = 0
     max_abs_diff: float|None = None # worst output difference on the sample input, if one was given
     tolerance: float|None = None # what `max_abs_diff` was checked against
+    f64_diff: float|None = None # when `max_abs_diff` failed in float32 or lower: the same check on a float64 copy folded the same way
+    f64_tolerance: float|None = None # what `f64_diff` was checked against
+    cause: str|None = None # why the lower-precision outputs differ: 'selection' by value (`topk`, ...), 'threshold', or 'rounding'
 
     @property
     def n_bn(self): return len(self.folded) + len(self.left)
@@ -480,6 +484,7 @@ class FoldReport:
         lines = [f'FoldReport: folded {len(self.folded)} of {self.n_bn} BatchNorm layers; '
                  f'params {self.params_before:,} -> {self.params_after:,}']
         if self.max_abs_diff is not None: lines.append(f'  max |output difference| on the sample: {self.max_abs_diff:.3g} (tolerance {self.tolerance:.3g})')
+        if self.f64_diff is not None: lines.append(f'  in float64: {self.f64_diff:.3g} (tolerance {self.f64_tolerance:.3g}); the lower-precision difference comes from {self.cause}')
         lines += [_folded_line(p) for p in self.folded]
         lines += [f'  left `{l.bn}`: {l.reason}' for l in self.left]
         lines += [f'  untraceable `{n}`: {e}; traced what it holds separately' if n else
@@ -527,6 +532,59 @@ def output_difference(a, b) -> tuple[float,float]:
     scale = max((x.double().abs().max().item() for x in ta if x.numel()), default=0.)
     return diff, scale
 
+# %% ../nbs/02_fold.ipynb #3db99628
+_RTOL64 = 1e-9 # a float64 fold is exact to ~1e-13 of the largest output; a wrong fold is off by far more
+_SELECTIONS = {'topk', 'argmax', 'argmin', 'sort', 'argsort', 'kthvalue', 'nonzero', 'argwhere', 'unique', 'masked_select', 'nms', 'batched_nms', 'searchsorted', 'bucketize'}
+_THRESHOLDS = {'gt', 'ge', 'lt', 'le', 'greater', 'greater_equal', 'less', 'less_equal'}
+
+class _OpNames(TorchFunctionMode):
+    "Records the names of the torch functions called inside the block (`topk`, `gt`...)"
+    def __init__(self): super().__init__(); self.names = set()
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        n = TorchCall(func, args, kwargs or {}, out).name
+        self.names.add('argmax' if n in ('max', 'min') and isinstance(out, tuple) else n) # `x.max(dim)` also says where
+        return out
+
+def _float64(o):
+    "`o` (a tensor, or a nest of them) with its floating-point tensors in float64"
+    if isinstance(o, Tensor): return o.double() if o.is_floating_point() else o
+    if isinstance(o, (list, tuple)): return type(o)(_float64(x) for x in o)
+    if isinstance(o, dict): return {k: _float64(v) for k,v in o.items()}
+    return o
+
+def _cause(names:set) -> str:
+    "Why outputs that a fold changes by rounding only can differ by much more, from the ops the model ran"
+    if (s := sorted(names & _SELECTIONS)): return f'a selection by value ({", ".join(f"`{n}`" for n in s)}) that rounding can tip'
+    if (s := sorted(names & _THRESHOLDS)): return f'a threshold ({", ".join(f"`{n}`" for n in s)}) that rounding can tip'
+    return 'rounding'
+
+def float64_difference(model:nn.Module, # the unfolded model (not changed)
+                       pairs:list[FoldedPair], # what to fold, from `find_pairs(model)`
+                       args:tuple, # the positional inputs of the sample check
+                      ) -> tuple[float,float,str]:
+    "`(worst |difference|, largest |output|, cause)` of a float64 copy of `model` folded with `pairs` vs unfolded, on `args` in float64"
+    m64,a64 = copy.deepcopy(model).to(torch.float64).eval(),_float64(args) # the one extra copy
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64) # tensors the model makes as it runs (`torch.zeros(n)`) are float64 too
+    try:
+        with torch.inference_mode():
+            with _OpNames() as ops: expected = m64(*a64)
+            apply_plan(m64, pairs, fold_plan(m64, pairs))
+            got = m64(*a64)
+    finally: torch.set_default_dtype(old)
+    return *output_difference(expected, got), _cause(ops.names)
+
+_PRETRAINED = 'transformers.modeling_utils.PreTrainedModel'
+def _warn_if_pretrained(model:nn.Module):
+    "Warn that Hugging Face's `save_pretrained` -> `from_pretrained` does not keep a fold"
+    name = next((n for n,m in model.named_modules() if any(f'{c.__module__}.{c.__qualname__}' == _PRETRAINED for c in type(m).__mro__)), None)
+    if name is None: return
+    warnings.warn(f'{f"`{name}`" if name else "the model"} is a Hugging Face `PreTrainedModel`: saved with `save_pretrained`, the folded model '
+                  'comes back from `from_pretrained` silently wrong (the config rebuilds every BN with default statistics and the '
+                  'folded biases are dropped). Save it whole with `torch.save`, or save the unfolded model and fold after `from_pretrained`.',
+                  stacklevel=3)
+
 # %% ../nbs/02_fold.ipynb #ddd9e605
 class BN_Folder:
     "Fold every BatchNorm next to a Conv, ConvTranspose or Linear into that layer, replacing the BN by `nn.Identity`"
@@ -555,23 +613,43 @@ class BN_Folder:
         undo = apply_plan(out, pairs, edits)
         out.eval()
         self.report = FoldReport(pairs, left, untraceable, n_before, n_params(out))
+        if pairs: _warn_if_pretrained(model)
         if sample is not None:
-            try: self._check(expected, out, args)
+            try:
+                if not self._check(expected, out, args):
+                    if inplace: undo() # `model` is the original again, to copy to float64
+                    self._check_float64(model, pairs, args)
+                    if inplace: undo = apply_plan(out, pairs, edits); out.eval()
             except BaseException:
                 if inplace: undo(); _restore_modes(modes)
                 raise
         return out
 
-    def _check(self, expected, folded, args):
+    def _check(self, expected, folded, args) -> bool:
+        "Are `folded`'s outputs on `args` within tolerance of `expected`? Raises `FoldCheckError` if not and they are float64"
         with torch.inference_mode(): got = folded(*args)
         diff,scale = output_difference(expected, got)
         dtype = _tensors(expected)[0].dtype if _tensors(expected) else torch.float32
         rtol = self.rtol if self.rtol is not None else _RTOL.get(dtype, 1e-4)
         tol = self.atol + rtol*scale
         self.report.max_abs_diff,self.report.tolerance = diff,tol
-        if not diff <= tol:
-            raise FoldCheckError(f'folded model differs from the original: max |difference| {diff:.3g} > tolerance {tol:.3g} '
-                                 f'(largest |output| {scale:.3g}, rtol={rtol}, atol={self.atol})\n{self.report}')
+        if diff <= tol: return True
+        self._why = f'max |difference| {diff:.3g} > tolerance {tol:.3g} (largest |output| {scale:.3g}, rtol={rtol}, atol={self.atol})'
+        if dtype is torch.float64: raise FoldCheckError(f'folded model differs from the original: {self._why}\n{self.report}')
+        return False
+
+    def _check_float64(self, model, pairs, args):
+        "Fold a float64 copy of `model` with `pairs` and compare it with that copy unfolded: `FoldCheckError` if they differ"
+        rtol = min(_RTOL64, self.rtol if self.rtol is not None else _RTOL64)
+        try: diff,scale,cause = float64_difference(model, pairs, args)
+        except Exception as e:
+            raise FoldCheckError(f'folded model differs from the original: {self._why}; the float64 check could not run '
+                                 f'({one_line(e)})\n{self.report}') from None
+        r = self.report
+        r.f64_diff,r.f64_tolerance,r.cause = diff,self.atol + rtol*scale,cause
+        if not diff <= r.f64_tolerance:
+            raise FoldCheckError(f'folded model differs from the original: {self._why}, and in float64 by {diff:.3g} > tolerance '
+                                 f'{r.f64_tolerance:.3g} (largest |output| {scale:.3g}, rtol={rtol})\n{r}')
 
 def _run_recording_calls(model, args):
     "`model(*args)` under `inference_mode`, and the ids of the modules it called (with a global hook: `model` is not touched)"
@@ -586,7 +664,7 @@ def _copy_for_fold(model, pairs, edits):
     uses = {}
     for _,t in [*model.named_parameters(remove_duplicate=False), *model.named_modules(remove_duplicate=False)]: uses[id(t)] = uses.get(id(t), 0) + 1
     replaced = [t for n in edits for t in (model.get_submodule(n).weight, model.get_submodule(n).bias) if t is not None]
-    replaced += [bn for p in pairs if bn_flavour(bn := model.get_submodule(p.bn)).tail is identity_tail]
+    replaced += [bn for p in pairs if not keeps_tail(bn := model.get_submodule(p.bn))]
     return copy.deepcopy(model, {id(t): t for t in replaced if uses.get(id(t)) == 1})
 
 def _check_model(model):
@@ -594,16 +672,3 @@ def _check_model(model):
     if isinstance(model, torch.jit.ScriptModule): raise TypeError('BN_Folder.fold cannot fold a TorchScript module: fold the eager model, then script it')
     if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
         raise TypeError(f'BN_Folder.fold got a {type(model).__name__} wrapper: pass its `.module`')
-
-# %% ../nbs/02_fold.ipynb #d0386b4e
-def randomize_bn(model:nn.Module, seed:int=0) -> nn.Module:
-    "Give every BN in `model` random running statistics and affine parameters, as training would (in place)"
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _,bn in bn_layers(model):
-            if getattr(bn, 'running_mean', None) is None: continue
-            c,dev = bn.running_mean.numel(),bn.running_mean.device
-            r = lambda lo, hi: (torch.rand(c, generator=g, dtype=torch.float64)*(hi-lo)+lo).to(dev)
-            bn.running_mean.copy_(r(-0.5, 0.5)); bn.running_var.copy_(r(0.5, 1.5))
-            if getattr(bn, 'weight', None) is not None: bn.weight.copy_(r(0.5, 1.5)); bn.bias.copy_(r(-0.5, 0.5))
-    return model

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Callable, Iterable
 from warnings import warn
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
+from .layers import bn_trains
 from fastcore.basics import store_attr
 from fastcore.foundation import L
 from .core import quiet_fastai_import
@@ -21,8 +21,8 @@ __all__ = ['freezable_bn_layers', 'FrozenBNLayers', 'freeze_bn', 'FreezeBN']
 # %% ../nbs/03_freeze.ipynb #afc11be3
 def freezable_bn_layers(model:nn.Module, # Model to search
              )->L:
-    "The BatchNorm layers `FreezeBN` can freeze: every `_BatchNorm` subclass in `model` (itself included), in module order"
-    return L(m for m in model.modules() if isinstance(m, _BatchNorm))
+    "The BatchNorm layers `FreezeBN` can freeze: every BN in `model` (itself included) that changes in training (`bn_trains`), in module order"
+    return L(m for m in model.modules() if bn_trains(m))
 
 # %% ../nbs/03_freeze.ipynb #1f85af3b
 def _tensor_ids(bn): return {id(t) for t in (*bn.parameters(recurse=False), *bn.buffers(recurse=False))}
@@ -72,7 +72,7 @@ def _check_args(modules, bn_filter, stop_grads):
 
 def _select(model, modules, bn_filter):
     "The BatchNorm layers of `model` inside `modules` (all of `model` when `None`) for which `bn_filter` is true"
-    layers = [(n,m) for n,m in model.named_modules() if isinstance(m, _BatchNorm)]
+    layers = [(n,m) for n,m in model.named_modules() if bn_trains(m)]
     if modules is not None:
         in_model = {id(m) for m in model.modules()}
         for m in modules:

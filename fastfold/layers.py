@@ -6,12 +6,13 @@ Docs: https://fastfold.github.io/fastfold/layers.html.md"""
 
 # %% ../nbs/01_layers.ipynb #947a7896
 from __future__ import annotations
-import copy
+import copy, math, warnings, weakref
 from collections import OrderedDict
 from typing import Callable, NamedTuple
 import torch, torch.nn.functional as F
 from torch import nn, Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.instancenorm import _InstanceNorm
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
@@ -19,14 +20,16 @@ from torch.utils._pytree import tree_leaves
 from .core import one_line
 
 # %% auto #0
-__all__ = ['BN_FLAVOURS', 'FOLDABLE_LAYERS', 'BNFlavour', 'identity_tail', 'act_tail', 'bn_flavour', 'is_bn', 'bn_layers',
-           'TorchCall', 'meta_copy', 'forward_calls', 'layer_op', 'forward_problem', 'layer_problem']
+__all__ = ['BN_FLAVOURS', 'BN_FUNCTIONS', 'FOLDABLE_LAYERS', 'BNFlavour', 'identity_tail', 'act_tail', 'inspect_bn', 'bn_flavour',
+           'is_bn', 'bn_layers', 'bn_eps', 'keeps_tail', 'bn_trains', 'randomize_bn', 'TorchCall', 'meta_copy',
+           'forward_calls', 'layer_op', 'forward_problem', 'layer_problem']
 
 # %% ../nbs/01_layers.ipynb #35998dd7
 class BNFlavour(NamedTuple):
     "How to fold one kind of BatchNorm module"
     tail: Callable[[nn.Module], nn.Module] # module that replaces the BN once its normalisation is folded away
     ndim: int|None = None # the BN's feature dims (1 for BatchNorm1d, 2 for BatchNorm2d), `None` if any
+    eps: float|None = None # the epsilon its `forward` adds to the variance, when that is not its `eps` attribute
 
 def identity_tail(bn): return nn.Identity()
 
@@ -48,28 +51,147 @@ BN_FLAVOURS = {
     'timm.layers.norm_act.FrozenBatchNormAct2d': BNFlavour(act_tail, 2),
 }
 
+BN_FUNCTIONS = {F.batch_norm, torch.batch_norm, torch.ops.aten.batch_norm.default,
+                torch.ops.aten._native_batch_norm_legit_no_training.default} # a BN inlined in a graph: the calls that compute it
+
 # %% ../nbs/01_layers.ipynb #124424f4
-class _Overridden(NamedTuple): name: str # a subclass of a registered BN class that overrides its `forward`
+class _Overridden(NamedTuple):
+    "A module that holds BN buffers but whose `forward` fastfold could not show to compute a BN"
+    name: str # its class
+    reason: str = '' # what the float64 check found
+
+_BN_TENSORS = {'weight', 'bias', 'running_mean', 'running_var', 'num_batches_tracked'}
+
+def _bn_channels(m:nn.Module) -> int|None:
+    "Number of channels if `m` is shaped like a BN (no children; `running_mean`, `running_var` and an optional `weight`, `bias`, all `(C,)`), else None"
+    if next(m.children(), None) is not None or type(m).forward is nn.Module.forward: return None
+    own = {**m._parameters, **m._buffers}
+    rm,rv = own.get('running_mean'),own.get('running_var')
+    if not (isinstance(rm, Tensor) and isinstance(rv, Tensor)) or set(own) - _BN_TENSORS: return None
+    if isinstance(rm, nn.parameter.UninitializedBuffer) or rm.ndim != 1 or not rm.numel(): return None
+    return rm.numel() if all(own.get(k) is None or own[k].shape == rm.shape for k in ('running_var', 'weight', 'bias')) else None
+
+def _probe_copy(m:nn.Module) -> nn.Module:
+    "A float64, eval-mode, hook-free copy of the BN-shaped module `m`, on the CPU"
+    c = copy.deepcopy(m).to('cpu', torch.float64).eval()
+    for d in ('_forward_hooks', '_forward_pre_hooks', '_backward_hooks', '_forward_hooks_with_kwargs', '_forward_pre_hooks_with_kwargs'):
+        if isinstance(getattr(c, d, None), dict): getattr(c, d).clear()
+    return c
+
+def _affine_problem(c:nn.Module, ndim:int, eps:float, g) -> str|None:
+    "Why the probe copy `c`, given random statistics, does not compute the BN map with `eps` on a `ndim`-dim input, or None"
+    n = c.running_mean.numel()
+    with torch.no_grad():
+        stats = dict(running_mean=torch.randn(n, generator=g, dtype=torch.float64), running_var=torch.rand(n, generator=g, dtype=torch.float64)+0.5,
+                     weight=torch.randn(n, generator=g, dtype=torch.float64), bias=torch.randn(n, generator=g, dtype=torch.float64))
+        for k,v in stats.items():
+            if getattr(c, k, None) is not None: getattr(c, k).copy_(v)
+        w,b = (getattr(c, k) if getattr(c, k, None) is not None else None for k in ('weight', 'bias'))
+        x = torch.randn(3, n, *(3, 4, 2)[:ndim], generator=g, dtype=torch.float64)
+        x[2] *= 1e3 # large values too: a clamp or a threshold shows
+        try: y,y0 = c(x),c(x[:1])
+        except Exception as e: return f'it could not be run on a float64 copy ({one_line(e)})'
+        if not isinstance(y, Tensor) or y.shape != x.shape or y.dtype != torch.float64: return 'its output is not a float64 tensor shaped like its input'
+        scale = torch.rsqrt(c.running_var + (eps if math.isfinite(eps) else 1.)) * (1 if w is None else w)
+        shift = (0 if b is None else b) - c.running_mean*scale
+        view = (1, n, *[1]*ndim)
+        want = x*scale.view(view) + shift.view(view)
+        tol = 1e-12*want.abs().max()
+        if not torch.allclose(y[:1], y0, rtol=0, atol=tol): return 'it computes statistics of its input (its output depends on the other samples)'
+        if not math.isfinite(eps): return 'it does not map its input as a BN with zero variance would'
+        if not (y-want).abs().max() <= tol: return 'it computes more than a per-channel affine map of its buffers (an activation, a clamp, ...)'
+    return None
+
+def _inferred_eps(c:nn.Module) -> float|None:
+    "The `eps` the probe copy `c` adds to its variance: with variance 0, mean 0, weight 1 and bias 0 it maps 1 to `1/sqrt(eps)`"
+    n = c.running_mean.numel()
+    with torch.no_grad():
+        for k,v in dict(running_mean=0., running_var=0., weight=1., bias=0.).items():
+            if getattr(c, k, None) is not None: getattr(c, k).fill_(v)
+        for ndim in (2, 1, 3):
+            x = torch.ones(2, n, *[2]*ndim, dtype=torch.float64)
+            try: y = c(x)
+            except Exception: continue
+            if isinstance(y, Tensor) and y.shape == x.shape: return 1/v**2 if (v := y.flatten()[0].item()) else math.inf
+    return None
+
+def inspect_bn(m:nn.Module, # a module shaped like a BN: `running_mean`, `running_var`, optional `weight` and `bias`, no children
+              ) -> BNFlavour|str:
+    "The `BNFlavour` of `m` found by running a float64 copy on random statistics and inputs; or why it is not a BN"
+    if _bn_channels(m) is None: return 'it does not hold a BN\'s buffers alone (`running_mean`, `running_var`, `weight`, `bias`, all of one size)'
+    try: c = _probe_copy(m)
+    except Exception as e: return f'it could not be copied to float64 ({one_line(e)})'
+    with warnings.catch_warnings(): # a probe at the wrong rank may warn
+        warnings.simplefilter('ignore')
+        eps = _inferred_eps(c)
+        if eps is None: return 'it could not be run on a float64 copy'
+        g = torch.Generator().manual_seed(0)
+        why = {ndim: _affine_problem(c, ndim, eps, g) for ndim in (1, 2, 3)}
+    ok = [d for d,w in why.items() if w is None]
+    if not ok: return why[2]
+    own = getattr(m, 'eps', None)
+    same = isinstance(own, (int, float)) and math.isclose(own, eps, rel_tol=1e-6, abs_tol=1e-30)
+    return BNFlavour(identity_tail, ok[0] if len(ok) == 1 else None, None if same else eps)
+
+_INSPECTED = weakref.WeakKeyDictionary() # module -> (its class's `forward`, what `inspect_bn` found)
+
+def _inspected(m:nn.Module) -> BNFlavour|_Overridden:
+    hit = _INSPECTED.get(m)
+    if hit is None or hit[0] is not type(m).forward:
+        fl = inspect_bn(m)
+        hit = type(m).forward, (fl if isinstance(fl, BNFlavour) else _Overridden(type(m).__name__, f'`{type(m).__name__}.forward` was not shown to compute a BN: {fl}; register it in `BN_FLAVOURS` if it is one'))
+        _INSPECTED[m] = hit
+    return hit[1]
 
 def _lookup(m:nn.Module, registry:dict):
     "Registry entry for `m`'s class or nearest registered ancestor with the same `forward`; `_Overridden` if it differs"
     cls = type(m)
     for c in cls.__mro__:
         key = c if c in registry else f'{c.__module__}.{c.__qualname__}'
-        if key in registry: return registry[key] if cls.forward is c.forward else _Overridden(cls.__name__)
+        if key in registry: return registry[key] if cls.forward is c.forward else _Overridden(cls.__name__, f'`{cls.__name__}` overrides `forward`: register it in `BN_FLAVOURS` to fold it')
     return None
 
 def bn_flavour(m:nn.Module) -> BNFlavour|_Overridden|None:
-    "The `BNFlavour` of `m`, `_Overridden` for an unregistered BN subclass with its own `forward`, `None` if not a BN"
-    return _lookup(m, BN_FLAVOURS)
+    "The `BNFlavour` of `m`: registered, or found by `inspect_bn`; `_Overridden` (with its reason) for a BN-like module not shown to be one; `None` if not a BN"
+    fl = _lookup(m, BN_FLAVOURS)
+    if isinstance(fl, BNFlavour) or _bn_channels(m) is None: return fl
+    return _inspected(m)
 
 def is_bn(m:nn.Module) -> bool:
-    "Is `m` any kind of BatchNorm that fastfold knows of?"
+    "Is `m` any kind of BatchNorm that fastfold knows of, or a module that holds BN buffers (folded only if shown to be a BN)?"
     return bn_flavour(m) is not None
 
 def bn_layers(model:nn.Module) -> list[tuple[str,nn.Module]]:
     "`(name, module)` of every BatchNorm in `model`"
     return [(n,m) for n,m in model.named_modules() if is_bn(m)]
+
+def bn_eps(bn:nn.Module) -> float:
+    "The epsilon `bn` adds to its variance: its `eps`, or the one `inspect_bn` found its `forward` to use"
+    fl = bn_flavour(bn)
+    return fl.eps if isinstance(fl, BNFlavour) and fl.eps is not None else bn.eps
+
+def keeps_tail(bn:nn.Module) -> bool:
+    "Does folding `bn` leave part of it in place (timm's `drop -> act`), rather than nothing?"
+    fl = bn_flavour(bn)
+    return isinstance(fl, BNFlavour) and fl.tail is not identity_tail
+
+def bn_trains(bn:nn.Module) -> bool:
+    "Does BN `bn` change in training, so `FreezeBN` has something to freeze? torch's BN and subclasses, any other BN with parameters"
+    if not is_bn(bn) or isinstance(bn, _InstanceNorm): return False # an InstanceNorm trains on each sample's own statistics
+    return isinstance(bn, _BatchNorm) or next(bn.parameters(recurse=False), None) is not None
+
+# %% ../nbs/01_layers.ipynb #d0386b4e
+def randomize_bn(model:nn.Module, seed:int=0) -> nn.Module:
+    "Give every BN in `model` random running statistics and affine parameters, as training would (in place)"
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _,bn in bn_layers(model):
+            if getattr(bn, 'running_mean', None) is None: continue
+            c,dev = bn.running_mean.numel(),bn.running_mean.device
+            r = lambda lo, hi: (torch.rand(c, generator=g, dtype=torch.float64)*(hi-lo)+lo).to(dev)
+            bn.running_mean.copy_(r(-0.5, 0.5)); bn.running_var.copy_(r(0.5, 1.5))
+            if getattr(bn, 'weight', None) is not None: bn.weight.copy_(r(0.5, 1.5)); bn.bias.copy_(r(-0.5, 0.5))
+    return model
 
 # %% ../nbs/01_layers.ipynb #af0a68c9
 FOLDABLE_LAYERS = {nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear}
