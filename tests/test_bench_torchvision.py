@@ -47,7 +47,7 @@ def test_detector(df):
     for v in ('fastfold', 'fx_fuse'): assert b.loc[v].max_abs_diff <= 1e-4*b.loc[v].out_scale, v
     assert b.loc['no_bn'].max_abs_diff > 1e-2*b.loc['no_bn'].out_scale
     assert b.nms_boxes.isna().all() and b.same_detections.isna().all()
-    assert b.loc['original'].ms_median < r.loc['original'].ms_median  # the backbone is a part of the whole
+    assert b.loc['original'].params < r.loc['original'].params  # the backbone is a part of the whole (no timed assertion: the machine is shared)
 
 def test_segmentation(df):
     for part in ('model', 'backbone'):
