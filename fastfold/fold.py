@@ -461,7 +461,7 @@ def _undo(undo):
 
 # %% ../nbs/02_fold.ipynb #0d94e2b7
 class FoldCheckError(RuntimeError):
-    "The folded model's outputs differ from the original's beyond tolerance"
+    "The folded model's outputs differ from the original's beyond tolerance, also in float64 when the model is in a lower precision"
 
 @dataclass
 class FoldReport:

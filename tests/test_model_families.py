@@ -18,6 +18,9 @@ import fastfold.fold
 from fastfold.layers import bn_layers, randomize_bn, bn_flavour, is_bn
 from fastfold.fold import BN_Folder, FoldCheckError, float64_difference
 
+# folding a Hugging Face model warns about `save_pretrained` (tested below); elsewhere that warning is expected
+pytestmark = pytest.mark.filterwarnings('ignore:.*is a Hugging Face `PreTrainedModel`')
+
 @pytest.fixture(autouse=True)
 def offline(monkeypatch):
     "Any attempt to reach the network fails the test that made it"
