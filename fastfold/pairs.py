@@ -57,39 +57,54 @@ def _call_site_none_args(graph:fx.Graph, target:str, m:nn.Module) -> dict:
 _REACH_ALL = {'children', 'named_children', 'modules', 'named_modules', 'get_submodule', 'apply', '_apply', '_modules',
               '__dict__', '__getattr__', '__getattribute__'} # ways to reach every submodule without naming it
 
-def _methods(cls) -> list:
-    "The functions defined by `cls` and its bases below `nn.Module`: methods, static and class methods, properties"
+def _definitions(cls, name:str) -> list:
+    "Every function `name` is defined as in `cls` and its bases below `nn.Module`: a method, static or class method, or property"
     fs = []
     for c in cls.__mro__:
-        if c in (nn.Module, object): continue
-        for v in vars(c).values():
-            if isinstance(v, (staticmethod, classmethod)): v = v.__func__
-            fs += [f for f in ((v.fget, v.fset) if isinstance(v, property) else (v,)) if inspect.isfunction(f)]
+        if c in (nn.Module, object) or name not in vars(c): continue
+        v = vars(c)[name]
+        if isinstance(v, (staticmethod, classmethod)): v = v.__func__
+        fs += [f for f in ((v.fget, v.fset) if isinstance(v, property) else (v,)) if inspect.isfunction(f)]
     return fs
 
 def _code_calls_whole(parent:nn.Module, child:str) -> bool:
-    "Does the code of `parent`'s class reach its child `child` only by calling it, `self.child(...)`, so never its items one by one?"
+    """Does `parent`'s code reach its child `child` only by calling it, `self.child(...)`, so never its items one by one?
+    Read from the source of `forward` and of the methods it uses, and of `__init__` (which may keep the child's items)"""
     target = parent._modules[child]
     names = {n for n,c in parent._modules.items() if c is target} # every attribute that holds it
-    items = set(target._modules)
-    for f in _methods(type(parent)):
-        try: tree = ast.parse(textwrap.dedent(inspect.getsource(f)))
-        except (OSError, TypeError, SyntaxError): return False # no source to read: nothing shown
-        up = {c: p for p in ast.walk(tree) for c in ast.iter_child_nodes(p)}
-        for node in ast.walk(tree):
-            if not (isinstance(node, ast.Name) and node.id == 'self'): continue
-            attr = up.get(node)
-            if not isinstance(attr, ast.Attribute):
-                call = up.get(node)
-                if isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id in ('isinstance', 'type'): continue
-                return False # `self` itself goes somewhere (iterated, indexed, passed on): anything may be reached
-            if attr.attr in _REACH_ALL: return False
-            if attr.attr not in names or isinstance(attr.ctx, (ast.Store, ast.Del)): continue
-            use = up.get(attr)
-            if isinstance(use, ast.Call) and use.func is attr: continue # `self.child(...)`
-            if isinstance(use, ast.Attribute) and use.attr == 'forward' and isinstance(up.get(use), ast.Call) and up[use].func is use: continue
-            if isinstance(use, ast.Attribute) and use.attr not in items and use.attr not in _REACH_ALL and not use.attr.startswith('_'): continue # reads a setting
-            return False
+    items,cls = set(target._modules),type(parent)
+    if not _definitions(cls, 'forward'): return False
+    todo,done = [('forward', True), ('__init__', False)],set()
+    while todo:
+        name,runs = todo.pop() # `runs`: code that runs with `forward`, where `self` must not go anywhere
+        if (name, runs) in done: continue
+        done.add((name, runs))
+        for f in _definitions(cls, name):
+            try: tree = ast.parse(textwrap.dedent(inspect.getsource(f)))
+            except (OSError, TypeError, SyntaxError): return False # no source to read: nothing shown
+            up = {c: p for p in ast.walk(tree) for c in ast.iter_child_nodes(p)}
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Attribute) and _definitions(cls, node.attr) and (
+                    isinstance(node.value, ast.Name) and node.value.id == 'self' or
+                    isinstance(node.value, ast.Call) and isinstance(node.value.func, ast.Name) and node.value.func.id == 'super'):
+                    todo.append((node.attr, runs)) # `self.method`, `super().method`: read it too
+                if not (isinstance(node, ast.Name) and node.id == 'self'): continue
+                attr = up.get(node)
+                if not isinstance(attr, ast.Attribute):
+                    call = up.get(node)
+                    if isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id in ('isinstance', 'type'): continue
+                    if runs: return False # `self` itself goes somewhere (iterated, indexed, passed on): anything may be reached
+                    continue
+                if attr.attr in _REACH_ALL and runs: return False
+                if attr.attr not in names or isinstance(attr.ctx, (ast.Store, ast.Del)): continue
+                use = up.get(attr)
+                if isinstance(use, ast.Call) and use.func is attr: continue # `self.child(...)`
+                if isinstance(use, ast.Attribute) and use.attr == 'forward' and isinstance(up.get(use), ast.Call) and up[use].func is use: continue
+                if isinstance(use, ast.Compare): continue # `self.child is not None`
+                if not runs and isinstance(use, ast.Call) and isinstance(up.get(use), ast.Expr): continue # set up while built, nothing kept: `init_weights(self.child)`
+                if (isinstance(use, ast.Attribute) and use.attr not in items and use.attr not in _REACH_ALL and not use.attr.startswith('_')
+                    and not (runs and isinstance(up.get(use), ast.Call) and up[use].func is use)): continue # reads a setting (or set up while built)
+                return False
     return True
 
 # %% ../nbs/01a_pairs.ipynb #0e87a553
@@ -528,7 +543,7 @@ def _not_shown(v:FoldedPair, g:TracedGraph, untraceable:dict) -> LeftBN:
 
 # %% ../nbs/01a_pairs.ipynb #075ee326
 def find_pairs(model:nn.Module, # the model to read, in eval mode
-               ran:set|dict|None=None, # ids of the modules that ran on a sample input, when one was run
+               ran:set|None=None, # ids of the modules that ran on a sample input, when one was run
                sample:tuple|None=None, # that sample's positional inputs: where fx cannot trace, pairs are read from a run on it
               ) -> tuple[list[FoldedPair], list[LeftBN], list[tuple[str,str]]]:
     "Foldable `(layer, BN)` pairs in `model`'s data flow, the BNs left with their reasons, and untraceable modules"
