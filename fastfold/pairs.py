@@ -67,45 +67,59 @@ def _definitions(cls, name:str) -> list:
         fs += [f for f in ((v.fget, v.fset) if isinstance(v, property) else (v,)) if inspect.isfunction(f)]
     return fs
 
-def _code_calls_whole(parent:nn.Module, child:str) -> bool:
-    """Does `parent`'s code reach its child `child` only by calling it, `self.child(...)`, so never its items one by one?
-    Read from the source of `forward` and of the methods it uses, and of `__init__` (which may keep the child's items)"""
+def _keeps_whole(attr:ast.Attribute, up:dict, items:set, runs:bool) -> bool:
+    "Does this use of `self.child` (the node `attr`) leave the child whole: calls it, compares it, reads a setting of it?"
+    use = up.get(attr)
+    if isinstance(use, ast.Call) and use.func is attr: return True # `self.child(...)`
+    if isinstance(use, ast.Compare): return True # `self.child is not None`
+    if not isinstance(use, ast.Attribute): return not runs and isinstance(use, ast.Call) and isinstance(up.get(use), ast.Expr) # `init(self.child)` while built
+    called = isinstance(up.get(use), ast.Call) and up[use].func is use
+    if use.attr == 'forward': return called # `self.child.forward(...)`
+    if use.attr in items or use.attr in _REACH_ALL or use.attr.startswith('_'): return False # its items, or a way to them
+    return not (runs and called) # a setting (`self.shortcut.stride`); while built, also a method (`add_module`)
+
+def _self_escapes(node:ast.Name, up:dict) -> bool:
+    "Does `self` itself go somewhere at `node` (iterated, indexed, passed on), from where anything in it may be reached?"
+    parent = up.get(node)
+    if isinstance(parent, ast.Attribute): return parent.attr in _REACH_ALL # `self.children()`, `self._modules`...
+    return not (isinstance(parent, ast.Call) and isinstance(parent.func, ast.Name) and parent.func.id in ('isinstance', 'type'))
+
+def _used_methods(tree, cls) -> list[str]:
+    "The methods and properties of `cls` that the code `tree` uses: `self.method`, `super().method`"
+    def on_self(v): return (isinstance(v, ast.Name) and v.id == 'self' or
+                            isinstance(v, ast.Call) and isinstance(v.func, ast.Name) and v.func.id == 'super')
+    return [n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute) and on_self(n.value) and _definitions(cls, n.attr)]
+
+def _code_calls_whole(parent:nn.Module, child:str) -> dict|None:
+    """The arguments to trace as `None` if `parent`'s code reaches its child `child` only by calling it, `self.child(...)`,
+    so never its items one by one; else `None`. Read from the source of `forward` and of what it uses, and of `__init__`
+    (which might keep the child's items elsewhere)"""
     target = parent._modules[child]
     names = {n for n,c in parent._modules.items() if c is target} # every attribute that holds it
-    items,cls = set(target._modules),type(parent)
-    if not _definitions(cls, 'forward'): return False
-    todo,done = [('forward', True), ('__init__', False)],set()
+    items,cls,calls = set(target._modules),type(parent),[]
+    if not _definitions(cls, 'forward'): return None
+    todo,done = [('forward', True), ('__init__', False)],set() # `True`: code that runs with `forward`
     while todo:
-        name,runs = todo.pop() # `runs`: code that runs with `forward`, where `self` must not go anywhere
+        name,runs = todo.pop()
         if (name, runs) in done: continue
         done.add((name, runs))
         for f in _definitions(cls, name):
             try: tree = ast.parse(textwrap.dedent(inspect.getsource(f)))
-            except (OSError, TypeError, SyntaxError): return False # no source to read: nothing shown
+            except (OSError, TypeError, SyntaxError): return None # no source to read: nothing shown
             up = {c: p for p in ast.walk(tree) for c in ast.iter_child_nodes(p)}
+            todo += [(m, runs) for m in _used_methods(tree, cls)]
             for node in ast.walk(tree):
-                if isinstance(node, ast.Attribute) and _definitions(cls, node.attr) and (
-                    isinstance(node.value, ast.Name) and node.value.id == 'self' or
-                    isinstance(node.value, ast.Call) and isinstance(node.value.func, ast.Name) and node.value.func.id == 'super'):
-                    todo.append((node.attr, runs)) # `self.method`, `super().method`: read it too
                 if not (isinstance(node, ast.Name) and node.id == 'self'): continue
+                if runs and _self_escapes(node, up): return None
                 attr = up.get(node)
-                if not isinstance(attr, ast.Attribute):
-                    call = up.get(node)
-                    if isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id in ('isinstance', 'type'): continue
-                    if runs: return False # `self` itself goes somewhere (iterated, indexed, passed on): anything may be reached
-                    continue
-                if attr.attr in _REACH_ALL and runs: return False
-                if attr.attr not in names or isinstance(attr.ctx, (ast.Store, ast.Del)): continue
-                use = up.get(attr)
-                if isinstance(use, ast.Call) and use.func is attr: continue # `self.child(...)`
-                if isinstance(use, ast.Attribute) and use.attr == 'forward' and isinstance(up.get(use), ast.Call) and up[use].func is use: continue
-                if isinstance(use, ast.Compare): continue # `self.child is not None`
-                if not runs and isinstance(use, ast.Call) and isinstance(up.get(use), ast.Expr): continue # set up while built, nothing kept: `init_weights(self.child)`
-                if (isinstance(use, ast.Attribute) and use.attr not in items and use.attr not in _REACH_ALL and not use.attr.startswith('_')
-                    and not (runs and isinstance(up.get(use), ast.Call) and up[use].func is use)): continue # reads a setting (or set up while built)
-                return False
-    return True
+                if not (isinstance(attr, ast.Attribute) and attr.attr in names and not isinstance(attr.ctx, (ast.Store, ast.Del))): continue
+                if not _keeps_whole(attr, up, items, runs): return None
+                call = up[attr] if isinstance(up.get(attr), ast.Call) else up.get(up.get(attr)) # `self.child(...)`, `self.child.forward(...)`
+                if runs and isinstance(call, ast.Call) and call.func in (attr, up.get(attr)): calls.append(call)
+    # an argument a call leaves out is `None`, where fx would make it a proxy, for which `mask is None` is False
+    left_out = [_none_args(target, len(c.args), [k.arg for k in c.keywords])
+                if not any(isinstance(a, ast.Starred) for a in c.args) and all(k.arg for k in c.keywords) else None for c in calls]
+    return left_out[0] if left_out and all(o == left_out[0] for o in left_out) and None not in left_out else None if calls else {}
 
 # %% ../nbs/01a_pairs.ipynb #0e87a553
 def traced_graphs(model:nn.Module, # the model to trace
@@ -126,7 +140,9 @@ def traced_graphs(model:nn.Module, # the model to trace
                 if not inner:
                     untraceable.setdefault(prefix, one_line(e))
                     # each child is traced alone; its `forward` is shown to run only if this module's code just calls it
-                    for n,c in m.named_children(): visit(c, _name(prefix, n), shown and _code_calls_whole(m, n), {})
+                    for n,c in m.named_children():
+                        fixed = _code_calls_whole(m, n) if shown else None
+                        visit(c, _name(prefix, n), fixed is not None, fixed or {})
                     return
                 opaque[inner[-1]] = one_line(e)
         graphs.append(TracedGraph(prefix, graph, m, shown))
@@ -389,8 +405,8 @@ def _pair_of(n:fx.Node, bn:nn.Module, flow:_Flow) -> FoldedPair|LeftBN:
     return before if isinstance(before, FoldedPair) or after is None else after
 
 # %% ../nbs/01a_pairs.ipynb #68bd7159
-_VALUE_READS = {'__bool__', 'item', 'tolist', '__int__', '__float__', '__index__', '__complex__', 'numpy', 'nonzero',
-                'argwhere', 'unique', 'unique_consecutive', 'masked_select'} # give Python, or a shape, that depends on values
+_VALUE_READS = {'__bool__', 'item', 'tolist', '__int__', '__float__', '__index__', '__complex__', 'numpy', 'equal', 'allclose',
+                'is_nonzero', '__contains__', 'nonzero', 'argwhere', 'unique', 'unique_consecutive', 'masked_select'} # give Python, or a shape, that depends on values
 
 def _fn_name(func) -> str:
     f = func.__self__ if getattr(func, '__name__', None) == '__get__' else func # a property: `.data`, `.T`

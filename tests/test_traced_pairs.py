@@ -152,6 +152,25 @@ def test_optional_argument_left_none_is_traced_as_none():
     r = fold(OptionalNone(), sample=(x, mask), inputs=[(x, mask), (-x, ~mask)])
     assert r.folded == [] and reasons(r) == {'bn': 'its input comes from `mul`, not a foldable layer'}
 
+def test_optional_argument_left_out_by_the_call_around_it_is_traced_as_none():
+    r = fold(nn.Sequential(OptionalNone()), inputs=inputs(2, 3, 5, 5)) # `Sequential` calls it with `x` alone: no sample needed
+    assert [(p.layer, p.bn, p.traced_at) for p in r.folded] == [('0.conv', '0.bn', '')] and r.untraceable == [], r
+
+class ShiftUnlessMasked(nn.Module):
+    def __init__(self): super().__init__(); self.conv,self.bn = nn.Conv2d(3, 4, 1),nn.BatchNorm2d(4)
+    def forward(self, x, mask=None):
+        y = self.conv(x)
+        if mask is None: y = y + 1 # with `mask` a proxy, fx would skip this
+        return self.bn(y)
+
+class CallsWithoutMask(nn.Module):
+    def __init__(self): super().__init__(); self.block = ShiftUnlessMasked()
+    def forward(self, x): return self.block(x) if x.shape[-1] > 1 else x
+
+def test_child_traced_alone_gets_none_for_what_its_parent_leaves_out():
+    r = fold(CallsWithoutMask(), inputs=inputs(2, 3, 5, 5))
+    assert r.folded == [] and reasons(r) == {'block.bn': 'its input comes from `add`, not a foldable layer'}, r
+
 class InPlace(nn.Module):
     "Writes into the conv's output in place, directly or through a view, after a shape test fx cannot trace"
     def __init__(self, view): super().__init__(); self.view,self.conv,self.bn = view,nn.Conv2d(3, 3, 1),nn.BatchNorm2d(3)
