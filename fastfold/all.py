@@ -8,8 +8,9 @@ Docs: https://fastfold.github.io/fastfold/all.html.md"""
 __all__ = []
 
 # %% ../nbs/99_all.ipynb #81a94450
-from . import layers, fold, freeze, scan, inputs, export
+from . import layers, pairs, fold, freeze, scan, inputs, export
 from .layers import *
+from .pairs import *
 from .fold import *
 from .freeze import *
 from .scan import *
@@ -18,5 +19,5 @@ from .export import *
 from .bench import bench, fastfold_bench
 
 # %% ../nbs/99_all.ipynb #873c3a3c
-__all__ = [*layers.__all__, *fold.__all__, *freeze.__all__, *scan.__all__, *inputs.__all__, *export.__all__,
+__all__ = [*layers.__all__, *pairs.__all__, *fold.__all__, *freeze.__all__, *scan.__all__, *inputs.__all__, *export.__all__,
            'bench', 'fastfold_bench'] # bench's helpers stay in `fastfold.bench` and its rooms

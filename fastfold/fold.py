@@ -7,21 +7,21 @@ Docs: https://fastfold.github.io/fastfold/fold.html.md"""
 # %% ../nbs/02_fold.ipynb #6cf2ba6d
 from __future__ import annotations
 import copy, warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable
-import torch, torch.fx as fx
+import torch
 from torch import nn, Tensor
-from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
-from torch.nn.modules.dropout import _DropoutNd
+from torch.nn.modules.conv import _ConvTransposeNd
 from torch.overrides import TorchFunctionMode
 from .core import one_line
 from .layers import *
-from .layers import _Overridden, _hooked, _n_out
+from .pairs import *
+from .pairs import _name
 
 # %% auto #0
 __all__ = ['bn_scale_shift', 'scale_out_channels', 'fold_bn_after', 'fold_bn_before', 'widen_affine', 'fold_bn_before_conv',
-           'traced_graphs', 'FoldedPair', 'LeftBN', 'find_pairs', 'folded_layer_params', 'fold_plan', 'apply_plan',
-           'FoldCheckError', 'FoldReport', 'n_params', 'output_difference', 'float64_difference', 'BN_Folder']
+           'folded_layer_params', 'fold_plan', 'apply_plan', 'FoldCheckError', 'FoldReport', 'n_params',
+           'output_difference', 'float64_difference', 'BN_Folder']
 
 # %% ../nbs/02_fold.ipynb #effa30cd
 def bn_scale_shift(mean:Tensor, # BN running mean
@@ -105,300 +105,6 @@ def fold_bn_before_conv(w:Tensor, # weight of the conv the BN feeds, `(out, in/g
     res = wg.mul_(sg).view(w.shape)
     return res if out is None else out.copy_(res), wt if b is None else b + wt
 
-# %% ../nbs/02_fold.ipynb #b60f4f8b
-class _LeafBNTracer(fx.Tracer):
-    "An fx tracer that keeps every BN flavour, Conv and Linear (subclasses too), and the `opaque` modules as leaves"
-    def __init__(self, opaque=()): super().__init__(); self.opaque = set(opaque)
-    def is_leaf_module(self, m, qualname):
-        return (is_bn(m) or isinstance(m, (_ConvNd, nn.Linear)) or qualname in self.opaque
-                or super().is_leaf_module(m, qualname))
-
-
-def traced_graphs(model:nn.Module) -> tuple[list[tuple[str,fx.Graph,nn.Module]], list[tuple[str,str]]]:
-    "fx graphs `(prefix, graph, module)` covering as much of `model` as traces, and the untraceable `(name, error)`"
-    graphs,untraceable = [],{}
-    def q(prefix, name): return f'{prefix}.{name}' if prefix and name else prefix or name
-    def visit(m, prefix):
-        if prefix and (is_bn(m) or not any(m.children())): return # holds no pair
-        opaque = {}
-        while True:
-            tracer = _LeafBNTracer(opaque)
-            try: graph = tracer.trace(m); break
-            except Exception as e:
-                # fx leaves the modules it was inside when `forward` failed on its stack: make the innermost one
-                # a leaf and trace again, so only that module is opaque; it is then traced on its own
-                inner = [n for n,_ in tracer.module_stack.values() if n and n not in opaque]
-                if not inner:
-                    untraceable.setdefault(prefix, one_line(e))
-                    for n,c in m.named_children(): visit(c, q(prefix, n))
-                    return
-                opaque[inner[-1]] = one_line(e)
-        graphs.append((prefix, graph, m))
-        for n,err in opaque.items():
-            untraceable.setdefault(q(prefix, n), err)
-            visit(m.get_submodule(n), q(prefix, n))
-    visit(model, '')
-    return graphs, list(untraceable.items())
-
-# %% ../nbs/02_fold.ipynb #efd4414e
-@dataclass
-class FoldedPair:
-    "One BN folded into the layer next to it, or into the layers a concatenation joins it to"
-    layer: str # qualified name of the layer that absorbed the BN (the first one, when a `cat` spreads it over several)
-    bn: str # qualified name of the BN, now `nn.Identity` (or what was left of it, see `BNFlavour.tail`)
-    where: str # 'after': `layer -> BN`; 'before': `BN -> layer` (a Linear, or a conv that pads no zeros)
-    parts: tuple = () # through a `cat`: `(layer, start, stop)`, the span `start:stop` of the cat that is that layer's
-    through: tuple = () # the ops between layer and BN, e.g. `('flatten',)` or `('cat',)`
-    into_conv: bool = False # 'before' a conv rather than a Linear
-    via: str = '' # a BN between this BN and the Linear, folded into it first
-
-@dataclass
-class LeftBN:
-    "A BN left in place, and why"
-    bn: str
-    reason: str
-
-# %% ../nbs/02_fold.ipynb #8b4a2dab
-def _bn_problem(bn:nn.Module) -> str|None:
-    "Why `bn` cannot be folded, whatever its neighbours, or `None`"
-    fl = bn_flavour(bn)
-    if isinstance(fl, _Overridden): return fl.reason
-    if getattr(bn, 'running_mean', None) is None or getattr(bn, 'track_running_stats', True) is False:
-        return 'no running statistics (track_running_stats=False): it normalises with batch statistics'
-    if isinstance(bn.running_mean, nn.parameter.UninitializedBuffer): return 'uninitialized lazy module'
-    if _hooked(bn): return 'it has hooks'
-    return None
-
-# %% ../nbs/02_fold.ipynb #17585c23
-def _call_counts(graphs):
-    "How many times each module object is called, over all graphs"
-    counts = {}
-    for prefix,g,root in graphs:
-        for n in g.nodes:
-            if n.op == 'call_module':
-                k = id(root.get_submodule(n.target)); counts[k] = counts.get(k, 0) + 1
-    return counts
-
-def _describe(n:fx.Node, root) -> str:
-    if n.op == 'call_module': return f'`{n.target}` ({type(root.get_submodule(n.target)).__name__})'
-    if n.op == 'placeholder': return 'the input of the traced module'
-    return f'`{getattr(n.target, "__name__", n.target)}`'
-
-def _single_input(n:fx.Node) -> fx.Node|None:
-    return n.args[0] if len(n.args) == 1 and not n.kwargs and isinstance(n.args[0], fx.Node) else None
-
-# %% ../nbs/02_fold.ipynb #29361c1d
-def find_pairs(model:nn.Module, # the model to read, in eval mode
-               ran:set|None=None, # ids of the modules that ran on a sample input, when one was run
-              ) -> tuple[list[FoldedPair], list[LeftBN], list[tuple[str,str]]]:
-    "Foldable `(layer, BN)` pairs in `model`'s data flow, the BNs left with their reasons, and untraceable modules"
-    graphs,untraceable = traced_graphs(model)
-    counts = _call_counts(graphs)
-    def shared(m): return counts.get(id(m), 0) > 1
-    pairs,left,seen = [],[],set()
-    for prefix,g,root in graphs:
-        q = lambda t: f'{prefix}.{t}' if prefix else t
-        for n in g.nodes:
-            if n.op != 'call_module': continue
-            bn = root.get_submodule(n.target)
-            if not is_bn(bn) or id(bn) in seen: continue
-            seen.add(id(bn))
-            reason = _bn_problem(bn) or (f'it is called {counts[id(bn)]} times' if shared(bn) else None)
-            if reason: left.append(LeftBN(q(n.target), reason)); continue
-            pair, reason = _pair_after(n, bn, root, shared)
-            if pair is None:
-                pair, reason2 = _pair_before(n, bn, root, shared)
-                reason = reason or reason2
-            if pair is None: left.append(LeftBN(q(n.target), reason)); continue
-            pairs.append(replace(pair, layer=q(pair.layer), bn=q(n.target), parts=tuple((q(t), a, b) for t,a,b in pair.parts), via=pair.via and q(pair.via)))
-    before = {(p.bn, p.layer) for p in pairs if p.where == 'before'}
-    for p in [p for p in pairs if p.via and (p.via, p.layer) not in before]:
-        pairs.remove(p); left.append(LeftBN(p.bn, f'it reaches `{p.layer}` through `{p.via}`, which is left'))
-    pairs.sort(key=lambda p: bool(p.via)) # folded into a layer after the BN between them, as they are applied
-    for name,m in bn_layers(model):
-        if id(m) not in seen: left.append(LeftBN(name, _unreached(name, m, graphs, untraceable, ran)))
-    return pairs, left, untraceable
-
-def _unreached(name, bn, graphs, untraceable, ran) -> str:
-    "Why the BN `name` is in no traced graph: its innermost traced ancestor never calls it, or it is inside an untraceable one"
-    def holds(a): return a == '' or name.startswith(a+'.')
-    traced = [p for p,_,_ in graphs if holds(p)]
-    a = max(traced + [u for u,_ in untraceable if holds(u)], key=len)
-    if a in traced: return f'never called in the `forward` of `{a}`' if a else 'never called in `forward`'
-    if ran is not None and id(bn) not in ran: return 'never called on the sample input'
-    return f'inside untraceable `{a or "model"}`, not reached by tracing'
-
-# %% ../nbs/02_fold.ipynb #fa4a2fc0
-_CATS = {torch.cat, torch.concat, torch.concatenate}
-_SHAPE_OPS = {'flatten', 'reshape', 'view', 'contiguous', 'permute', 'transpose', 'swapaxes', 'swapdims', 'movedim', 'unflatten', 't'}
-
-def _op(n:fx.Node) -> str|None:
-    "The name of a shape op node (`x.flatten(0, 1)`, `torch.flatten(x)`...) applied to the tensor `n.args[0]`, or None"
-    if n.op == 'call_method': name = n.target
-    elif n.op == 'call_function': name = getattr(n.target, '__name__', '')
-    else: return None
-    if n.op == 'call_function' and getattr(torch, name, None) is not n.target: return None # not `torch.flatten` & co
-    return name if name in _SHAPE_OPS and n.args and isinstance(n.args[0], fx.Node) else None
-
-def _arg(n:fx.Node, pos:int, name:str, default=None): return n.args[pos] if len(n.args) > pos else n.kwargs.get(name, default)
-
-_SHAPE_READS = {'size', 'dim', 'ndimension', 'numel'} # methods that read no values
-_SHAPE_OF = {'reshape_as', 'view_as', 'expand_as', 'type_as'} # methods that read only the shape (or dtype) of their argument
-
-def _value_users(n:fx.Node) -> list[fx.Node]:
-    "The users of `n` that read its values (not `x.shape`, `x.size()`, or `y.reshape_as(x)`, which a fold does not change)"
-    def shape_only(u):
-        if u.op == 'call_method': return u.target in _SHAPE_READS or (u.target in _SHAPE_OF and u.args[0] is not n)
-        return u.op == 'call_function' and u.target is getattr and u.args[1] in ('shape', 'ndim', 'dtype', 'device')
-    return [u for u in n.users if not shape_only(u)]
-
-def _cat_dim(n:fx.Node): return _arg(n, 1, 'dim', n.kwargs.get('axis', 0))
-def _layer(n:fx.Node, root) -> nn.Module|None:
-    "The Conv, ConvTranspose or Linear that node `n` calls, or None"
-    m = root.get_submodule(n.target) if n.op == 'call_module' else None
-    return m if isinstance(m, (_ConvNd, nn.Linear)) else None
-
-def _is_channel_dim(dim, layer) -> bool:
-    "Is `dim` the channel dim of `layer`'s output? 1 (batched) for a conv; for a Linear its features, as a BN after it assumes: -1, or 1 of a 2D output"
-    return isinstance(dim, int) and (dim in (1, -1) if isinstance(layer, nn.Linear) else dim in (1, -len(layer.kernel_size)-1))
-
-def _reshape_problem(ops:list[fx.Node], layer:nn.Module, name:str) -> str|None:
-    "Why the shape ops `ops` (from the layer to the BN) may move values across `layer`'s channels, or None"
-    conv,c = isinstance(layer, _ConvNd),_n_out(layer)
-    rank = len(layer.kernel_size)+2 if conv else None # a conv's channels are dim 1, a Linear's its last dim
-    for o in ops:
-        op = _op(o)
-        if op == 'contiguous': continue
-        why = f'`{op}` between `{name}` and the BN may move values across its channels'
-        if op == 'flatten':
-            s,e = _arg(o, 1, 'start_dim', 0),_arg(o, 2, 'end_dim', -1)
-            if not (isinstance(s, int) and isinstance(e, int)): return why
-            if conv:
-                s,e = s%rank,e%rank
-                if s < e and s <= 1: return why # merges the channel dim with others
-                rank -= max(e-s, 0)
-            elif e == -1 and s != -1: return why # merges the features with the dims before them
-        elif op in ('reshape', 'view') and not conv:
-            shape = o.args[1] if len(o.args) == 2 and isinstance(o.args[1], (tuple, list)) else o.args[1:]
-            if not (shape and shape[-1] == c): return why # the last dim must stay the features, whole
-        else: return why
-    return None
-
-def _pair(n, where, parts, through=(), into_conv=False) -> FoldedPair:
-    "The pair of the BN node `n` and the layer(s) in `parts`, named as in the traced module"
-    return FoldedPair(parts[0][0], n.target, where, tuple(parts) if len(parts) > 1 or parts[0][1] is not None else (), tuple(through), into_conv)
-
-def _pair_after(n, bn, root, shared):
-    "The `FoldedPair` if the BN node `n` folds into the layer(s) feeding it (through reshapes, a `cat`), else `(None, reason or None)`"
-    p,ops = _single_input(n),[]
-    while p is not None and _op(p) and len(_value_users(p)) == 1: ops.insert(0, p); p = p.args[0]
-    if p is None: return None, None
-    through = tuple(_op(o) for o in ops)
-    if p.op == 'call_function' and p.target in _CATS: return _pair_after_cat(n, p, ops, bn, root, shared)
-    layer = _layer(p, root)
-    if layer is None: return None, None
-    if len(us := _value_users(p)) > 1: return None, f'the output of `{p.target}` also feeds {", ".join(_describe(u, root) for u in us if u is not (ops[0] if ops else n))}'
-    if shared(layer): return None, f'`{p.target}` is called more than once'
-    if _n_out(layer) != bn.running_mean.numel(): return None, f'`{p.target}` has {_n_out(layer)} outputs, the BN {bn.running_mean.numel()}'
-    if isinstance(layer, nn.Linear) and bn_flavour(bn).ndim not in (None, 1): return None, 'a Linear feeds a BN of more than one feature dim'
-    if (why := _reshape_problem(ops, layer, p.target)): return None, why
-    if (why := layer_problem(layer, 'after')): return None, why # last: it may run the layer's `forward` on meta tensors
-    return _pair(n, 'after', [(p.target, None, None)], through), None
-
-def _pair_after_cat(n, cat, ops, bn, root, shared):
-    "`_pair_after` for `BN(cat([layer1(x1), layer2(x2), ...], dim=channels))`: each layer takes its slice of the BN"
-    xs = cat.args[0] if cat.args else cat.kwargs.get('tensors')
-    if not isinstance(xs, (list, tuple)) or not all(isinstance(x, fx.Node) for x in xs): return None, 'its input comes from `cat` of tensors fastfold cannot see one by one'
-    parts,start,layers = [],0,[]
-    for i,x in enumerate(xs):
-        layer = _layer(x, root)
-        if layer is None: return None, f'part {i} of its input `cat` is {_describe(x, root)}, not a foldable layer\'s output'
-        if xs.count(x) > 1: return None, f'`{x.target}` is {xs.count(x)} parts of its input `cat`'
-        if len(us := _value_users(x)) > 1: return None, f'the output of `{x.target}` also feeds {", ".join(_describe(u, root) for u in us if u is not cat)}'
-        if shared(layer): return None, f'`{x.target}` is called more than once'
-        parts.append((x.target, start, start+_n_out(layer))); start += _n_out(layer); layers.append(layer)
-    if len(us := _value_users(cat)) > 1: return None, f'the output of `cat` also feeds {", ".join(_describe(u, root) for u in us if u is not (ops[0] if ops else n))}'
-    if len({len(getattr(l, 'kernel_size', ())) for l in layers}) > 1: return None, 'its input `cat` joins layers of different kinds'
-    if not _is_channel_dim(_cat_dim(cat), layers[0]): return None, f'its input `cat` joins along dim {_cat_dim(cat)}, not the channels'
-    if start != bn.running_mean.numel(): return None, f'its input `cat` has {start} channels, the BN {bn.running_mean.numel()}'
-    if isinstance(layers[0], nn.Linear) and bn_flavour(bn).ndim not in (None, 1): return None, 'a Linear feeds a BN of more than one feature dim'
-    if (why := _reshape_problem(ops, layers[0], 'cat')): return None, why
-    for (t,_,_),layer in zip(parts, layers):
-        if (why := layer_problem(layer, 'after')): return None, why
-    return _pair(n, 'after', parts, ('cat', *(_op(o) for o in ops))), None
-
-def _skip_dropouts(cur, root):
-    "The one node that uses `cur` past Dropouts (the identity in eval mode), and the last node before it"
-    while len(cur.users) == 1:
-        u = next(iter(cur.users))
-        m = root.get_submodule(u.target) if u.op == 'call_module' and _single_input(u) is cur else None
-        if not (isinstance(m, _DropoutNd) and not _hooked(m)): return u, cur
-        cur = u
-    return None, cur
-
-def _width(n:fx.Node, root) -> int|None:
-    "Number of features of node `n`'s output, where its modules say (Linear, BN, Embedding, through Dropouts and `cat`), else None"
-    if n.op == 'call_function' and n.target in _CATS and _cat_dim(n) in (1, -1) and isinstance(xs := _arg(n, 0, 'tensors'), (list, tuple)):
-        ws = [_width(x, root) if isinstance(x, fx.Node) else None for x in xs]
-        return None if None in ws else sum(ws)
-    if n.op == 'call_function' and n.target is nn.functional.embedding and getattr(w := _arg(n, 1, 'weight'), 'op', None) == 'get_attr':
-        return root.get_parameter(w.target).shape[-1] # an `nn.Embedding` subclass, traced through
-    m = root.get_submodule(n.target) if n.op == 'call_module' else None
-    if isinstance(m, _DropoutNd) and _single_input(n) is not None: return _width(_single_input(n), root)
-    if isinstance(m, nn.Linear): return m.out_features
-    if isinstance(m, nn.Embedding): return m.embedding_dim
-    return m.running_mean.numel() if m is not None and is_bn(m) and getattr(m, 'running_mean', None) is not None else None
-
-def _pads_zeros(conv) -> bool:
-    "Does `conv` pad its input with zeros?"
-    if conv.padding_mode != 'zeros' or conv.padding == 'valid': return False
-    if conv.padding == 'same': return any(d*(k-1) for k,d in zip(conv.kernel_size, conv.dilation))
-    return any(conv.padding)
-
-def _pair_before(n, bn, root, shared):
-    "The `FoldedPair` if the BN node `n` folds into the Linear (through Dropouts, a `cat`) or the conv it feeds, else `(None, reason)`"
-    src = _single_input(n)
-    fallback = (f'its input comes from {_describe(src, root)}, not a foldable layer' if src is not None else 'it is not called on a single tensor')
-    u,last = _skip_dropouts(n, root)
-    cat,via = (u if u is not None and u.op == 'call_function' and u.target in _CATS else None),''
-    if u is None:
-        feeds = [v for v in last.users if _layer(v, root) is not None or (v.op == 'call_function' and v.target in _CATS)]
-        return None, (f'its output feeds {", ".join(_describe(v, root) for v in last.users)}: it cannot be folded into {_describe(feeds[0], root)} alone' if feeds else fallback)
-    if cat is not None:
-        xs = cat.args[0] if cat.args else cat.kwargs.get('tensors')
-        if not isinstance(xs, (list, tuple)) or last not in xs: return None, fallback
-        if xs.count(last) > 1: return None, f'its output is {xs.count(last)} parts of `cat`'
-        if _cat_dim(cat) not in (1, -1): return None, f'it feeds `cat` along dim {_cat_dim(cat)}, not the features'
-        u,_ = _skip_dropouts(cat, root)
-        if u is not None and u.op == 'call_module' and _single_input(u) is not None and is_bn(root.get_submodule(u.target)):
-            via,(u,_) = u.target,_skip_dropouts(u, root) # fastai's `LinBnDrop(lin_first=False)`: cat -> BN -> Dropout -> Linear
-        if u is None or _single_input(u) is None or not isinstance(_layer(u, root), nn.Linear):
-            return None, f'its `cat` feeds {", ".join(_describe(v, root) for v in (cat.users if u is None else [u]))}, not a Linear'
-    m = _layer(u, root)
-    if m is None or _single_input(u) is None: return None, fallback
-    nb,ndim = bn.running_mean.numel(),bn_flavour(bn).ndim
-    if isinstance(m, nn.Linear):
-        if ndim not in (None, 1): return None, fallback
-        if keeps_tail(bn): return None, 'it has an activation inside, which must come before the Linear'
-        if (why := layer_problem(m, 'before')): return None, why
-        if shared(m): return None, f'`{u.target}` is called more than once'
-        if cat is None:
-            if m.in_features != nb: return None, f'`{u.target}` takes {m.in_features} features, the BN gives {nb}'
-            return _pair(n, 'before', [(u.target, None, None)]), None
-        widths = [nb if x is last else _width(x, root) for x in xs]
-        if None in widths: return None, f'fastfold cannot tell how many features part {widths.index(None)} of its `cat` has ({_describe(xs[widths.index(None)], root)})'
-        if sum(widths) != m.in_features: return None, f'`{u.target}` takes {m.in_features} features, its `cat` gives {sum(widths)}'
-        start = sum(widths[:xs.index(last)])
-        return replace(_pair(n, 'before', [(u.target, start, start+nb)], ('cat',)), via=via), None
-    if isinstance(m, _ConvTransposeNd): return None, f'it feeds `{u.target}`, a ConvTranspose: its outputs sum varying numbers of inputs, so the shift is no bias'
-    if ndim not in (None, len(m.kernel_size)): return None, fallback
-    if keeps_tail(bn): return None, 'it has an activation inside, which must come before the conv'
-    if _pads_zeros(m): return None, f'`{u.target}` pads with zeros, where the BN\'s shift would be missing once folded'
-    if (why := layer_problem(m, 'before')): return None, why
-    if shared(m): return None, f'`{u.target}` is called more than once'
-    if m.in_channels != nb: return None, f'`{u.target}` takes {m.in_channels} channels, the BN gives {nb}'
-    return _pair(n, 'before', [(u.target, None, None)], into_conv=True), None
-
 # %% ../nbs/02_fold.ipynb #e10dcd9a
 @torch.no_grad()
 def _checked_stats(name:str, bn:nn.Module):
@@ -436,27 +142,33 @@ def fold_plan(model:nn.Module, pairs:list[FoldedPair]) -> dict[str,tuple[nn.Para
     return {name: folded_layer_params(model.get_submodule(name), f) for name,f in folds.items()}
 
 # %% ../nbs/02_fold.ipynb #bea76bf7
-def _set(root:nn.Module, name:str, attr:str, value, undo:list):
-    "Set `attr` of submodule `name` (the module itself if `attr` is None), recording how to undo it"
-    if attr is None: name,_,attr = name.rpartition('.')
-    m = root.get_submodule(name)
-    undo.append((m, attr, getattr(m, attr)))
-    setattr(m, attr, value)
+def _put(model:nn.Module, target:str, new) -> object:
+    "The one place that edits the module tree: the submodule, or the parameter, at `target` becomes `new`; returns the old one"
+    if isinstance(new, nn.Module):
+        old = model.get_submodule(target)
+        model.set_submodule(target, new)
+        return old
+    owner,_,attr = target.rpartition('.')
+    layer = model.get_submodule(owner)
+    old = getattr(layer, attr)
+    setattr(layer, attr, new)
+    return old
 
 def apply_plan(model:nn.Module, pairs:list[FoldedPair], edits:dict[str,tuple[nn.Parameter,nn.Parameter]]) -> Callable[[],None]:
     "Set the new weights and biases of `edits` in `model` and replace each folded BN by its tail; returns an undo"
-    undo = []
+    undo = [] # `(target, what was there)`, in the order they were replaced
     try:
         for name,(w,b) in edits.items():
-            _set(model, name, 'weight', w, undo)
-            _set(model, name, 'bias', b, undo)
-        for p in pairs: _set(model, p.bn, None, bn_flavour(model.get_submodule(p.bn)).tail(model.get_submodule(p.bn)), undo)
+            for target,new in ((_name(name, 'weight'), w), (_name(name, 'bias'), b)): undo.append((target, _put(model, target, new)))
+        for p in pairs:
+            bn = model.get_submodule(p.bn)
+            undo.append((p.bn, _put(model, p.bn, bn_flavour(bn).tail(bn))))
     except BaseException:
-        _undo(undo); raise
-    return lambda: _undo(undo)
+        _undo(model, undo); raise
+    return lambda: _undo(model, undo)
 
-def _undo(undo):
-    for m,attr,old in reversed(undo): setattr(m, attr, old)
+def _undo(model, undo):
+    for target,old in reversed(undo): _put(model, target, old)
     undo.clear()
 
 # %% ../nbs/02_fold.ipynb #0d94e2b7
@@ -495,10 +207,11 @@ class FoldReport:
 def _folded_line(p:FoldedPair) -> str:
     "What the report says of one fold"
     spans = ', '.join(f'{a}-{b-1}' for _,a,b in p.parts)
-    if p.where == 'before' and p.parts: return f'  folded `{p.bn}` into columns {spans} of `{p.layer}`' + (f' (through `{p.via}`)' if p.via else '')
-    if p.parts: return f'  folded `{p.bn}` into {", ".join(f"`{l}`" for l,_,_ in p.parts)} (its channels {spans})'
+    ran = f' [read from the sample run, where `{p.layer}` took {p.traced_at}]' if p.traced_at else ''
+    if p.where == 'before' and p.parts: return f'  folded `{p.bn}` into columns {spans} of `{p.layer}`' + (f' (through `{p.via}`)' if p.via else '') + ran
+    if p.parts: return f'  folded `{p.bn}` into {", ".join(f"`{l}`" for l,_,_ in p.parts)} (its channels {spans})' + ran
     how = 'BN before the conv' if p.into_conv else 'BN before Linear' if p.where == 'before' else 'after the layer'
-    return f'  folded `{p.bn}` into `{p.layer}` ({how}{", through " + ", ".join(f"`{t}`" for t in p.through) if p.through else ""})'
+    return f'  folded `{p.bn}` into `{p.layer}` ({how}{", through " + ", ".join(f"`{t}`" for t in p.through) if p.through else ""})' + ran
 
 # %% ../nbs/02_fold.ipynb #12ee534b
 def n_params(model:nn.Module) -> int:
@@ -605,7 +318,7 @@ class BN_Folder:
         with _eval_mode(model):
             ran = None
             if sample is not None: expected,ran = _run_recording_calls(model, args) # before any change: `inplace` folds `model`
-            pairs,left,untraceable = find_pairs(model, ran)
+            pairs,left,untraceable = find_pairs(model, ran, None if sample is None else args)
         edits = fold_plan(model, pairs)
         n_before = n_params(model)
         out = model if inplace else _copy_for_fold(model, pairs, edits)

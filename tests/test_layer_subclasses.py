@@ -7,7 +7,7 @@ the refusal is what keeps the model right."""
 import copy
 import pytest, torch, torch.nn.functional as F
 from torch import nn
-import fastfold.fold
+import fastfold.pairs
 from fastfold.layers import bn_layers
 from fastfold.fold import BN_Folder, randomize_bn
 
@@ -137,7 +137,7 @@ def test_refused_with_reason_and_needed(case, monkeypatch):
     assert r.folded == [] and len(r.left) == 1 and reason in r.left[0].reason, r
     assert max_diff(m, folded, x)[0] == 0 # nothing was changed
     # the rule is needed: with `forward` inspection switched off the same fold is silently wrong
-    monkeypatch.setattr(fastfold.fold, 'layer_problem', lambda layer, where='after': None)
+    monkeypatch.setattr(fastfold.pairs, 'layer_problem', lambda layer, where='after': None)
     m,folded,r = fold_without_sample(make())
     diff,scale = max_diff(m, folded, x)
     assert len(r.folded) == 1
