@@ -19,7 +19,7 @@ from fastprogress.fastprogress import progress_bar
 from .core import one_line
 from .layers import bn_layers, bn_flavour
 from .fold import BN_Folder, n_params, output_difference
-from .scan import UnsafeFileError, scan_torch_file, load_learner_checked, TRUST
+from .scan import UnsafeFileError, load_checked, load_learner_checked, TRUST
 
 # %% auto #0
 __all__ = ['DEFAULT_MODELS', 'DEFAULT_BS', 'DEFAULT_SIZES', 'CSV_COLUMNS', 'VIDEO_FRAMES', 'BenchError', 'model_source',
@@ -81,12 +81,13 @@ def _torchvision_model(name):
 
 def load_model(name:str, # torchvision or timm model name, or fastai learner `.pkl` file
                seed:int=0, # seeds the random weights of a named model
-               trust:bool=False, # load a learner file without checking it first: only for a file from a source you trust
+               trust:bool=False, # load a learner file with Python's pickle, unchecked: only for a file from a source you trust
+               modules=(), # your own modules a learner file may name (its model's), imported first
               ) -> nn.Module:
     "An eval-mode model: a named one with random weights (nothing is downloaded), or the `model` of a learner file, once checked"
     src = model_source(name)
     if src == 'learner':
-        with _learner_errors(name): return load_learner_checked(name, cpu=True, trust=trust).model.eval()
+        with _learner_errors(name): return load_learner_checked(name, cpu=True, trust=trust, modules=modules).model.eval()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if src == 'torchvision': return _torchvision_model(name).eval()
@@ -353,7 +354,7 @@ def calls_per_block(ms:float, min_time:float) -> int:
     return max(1, math.ceil(min_time*1000/ms)) if ms > 0 else 1
 
 # %% ../nbs/06_bench.ipynb #a4d7153f
-def check_request(models, bs, sizes, device, reps=1, fold_reps=1, trust=False) -> list:
+def check_request(models, bs, sizes, device, reps=1, fold_reps=1, trust=False, modules=()) -> list:
     "`BenchError` for anything the benchmark cannot run; returns the models with names checked"
     if not models: raise BenchError('no models given')
     for b in bs:
@@ -369,14 +370,14 @@ def check_request(models, bs, sizes, device, reps=1, fold_reps=1, trust=False) -
     for m in models:
         if not isinstance(m, (str, nn.Module, tuple)): raise BenchError(f'not a model: {type(m).__name__}')
         if isinstance(m, str) and model_source(m) == 'learner' and not trust:
-            with _learner_errors(m): scan_torch_file(m) # before any model runs
+            with _learner_errors(m): load_checked(m, modules) # through the checking loader, into nothing, before any model runs
     return list(models)
 
-def _named(m, seed, size, device, trust=False) -> tuple[str,nn.Module,str]:
+def _named(m, seed, size, device, trust=False, modules=()) -> tuple[str,nn.Module,str]:
     "`(name, eval-mode model on device, task)`: a named model is loaded and, unless it is a learner, gets random BN statistics; a detector does the same work whatever its scores"
     if isinstance(m, tuple): name,model = m
     elif isinstance(m, nn.Module): name,model = type(m).__name__,m
-    else: name,model = m,load_model(m, seed, trust)
+    else: name,model = m,load_model(m, seed, trust, modules)
     task = model_task(model)
     if task == 'detection':
         if not isinstance(m, str): model = copy.deepcopy(model) # the detector given is left as it was
@@ -482,17 +483,18 @@ def bench(models=DEFAULT_MODELS, # names (torchvision, timm, learner `.pkl`), mo
           compiled:bool=False, # also time `torch.compile` of the original and of the folded model
           seed:int=0, # seeds weights, BN statistics and inputs
           progress:bool=True, # show a progress bar over the runs
-          trust:bool=False, # load learner files without checking them first: only files from a source you trust
+          trust:bool=False, # load learner files with Python's pickle, unchecked: only files from a source you trust
+          modules=(), # your own modules learner files may name (their models'), imported first
          ) -> pd.DataFrame:
     "One row per model (and backbone), batch size, input size and variant: latency, throughput, params, BN left, output difference, fold time"
-    models = check_request(models, bs, sizes, device, reps, fold_reps, trust)
+    models = check_request(models, bs, sizes, device, reps, fold_reps, trust, modules)
     runs = [(i,b,s) for i in range(len(models)) for b in bs for s in sizes]
     rows,cur,pb = [],None,(progress_bar(runs) if progress else None) # fastprogress prints even with display=False
     for i,b,s in (runs if pb is None else pb):
         if pb is not None: pb.comment = f'{models[i] if isinstance(models[i], str) else "model"}, bs {b}, {s}px'
         if cur is None or cur[0] != i:
             cur = None; gc.collect()
-            name,model,task = _named(models[i], seed, min(sizes), device, trust)
+            name,model,task = _named(models[i], seed, min(sizes), device, trust, modules)
             c = input_channels(model)
             x1 = _to(model_input(task, 1, min(sizes), c, torch.Generator().manual_seed(seed)), device)
             cur = (i, name, model, task, c, _parts(name, model, task, fold_reps, compiled, x1))
@@ -651,13 +653,14 @@ def fastfold_bench(
     csv:str=None, # write the rows to this CSV file
     plot:str=None, # write a PNG bar chart of latency relative to original here
     no_progress:bool=False, # hide the progress bar
-    trust:bool=False, # load learner files as fastai does, without the allowlist check their pickle gets first: only files from a source you trust
+    trust:bool=False, # load learner files with Python's pickle, as fastai does, not through fastfold's checking loader (its allowlist): only files from a source you trust
+    imports:Annotated[str, "your own module a learner file may name (its model's), imported first; repeat for more", {'action': 'append'}]=None,
 ):
     "Benchmark BatchNorm folding: original, fastfold, fx_fuse and no_bn (the floor), interleaved, on this machine"
     try:
         for opt,p in (('--csv', csv), ('--plot', plot)):
             if p and not Path(p).resolve().parent.is_dir(): raise BenchError(f'{opt} {p}: no folder {Path(p).parent}')
-        df = bench(models or DEFAULT_MODELS, bs, size, device, reps, warmup, min_time, fold_reps, compiled, seed, not no_progress, trust)
+        df = bench(models or DEFAULT_MODELS, bs, size, device, reps, warmup, min_time, fold_reps, compiled, seed, not no_progress, trust, imports or ())
     except BenchError as e: raise CliError(f'fastfold-bench: error: {str(e).replace(TRUST, "pass --trust to load a file from a source you trust")}') from None
     print(report(df, machine_info(device)))
     if csv: write_csv(df, csv); print(f'wrote {csv}')
