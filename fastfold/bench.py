@@ -654,13 +654,13 @@ def fastfold_bench(
     plot:str=None, # write a PNG bar chart of latency relative to original here
     no_progress:bool=False, # hide the progress bar
     trust:bool=False, # load learner files with Python's pickle, as fastai does, not through fastfold's checking loader (its allowlist): only files from a source you trust
-    imports:Annotated[str, "your own module a learner file may name (its model's), imported first; repeat for more", {'action': 'append'}]=None,
+    Import:Annotated[str, "your own module a learner file may name (its model's), imported first; repeat for more", {'action': 'append'}]=None,
 ):
     "Benchmark BatchNorm folding: original, fastfold, fx_fuse and no_bn (the floor), interleaved, on this machine"
     try:
         for opt,p in (('--csv', csv), ('--plot', plot)):
             if p and not Path(p).resolve().parent.is_dir(): raise BenchError(f'{opt} {p}: no folder {Path(p).parent}')
-        df = bench(models or DEFAULT_MODELS, bs, size, device, reps, warmup, min_time, fold_reps, compiled, seed, not no_progress, trust, imports or ())
+        df = bench(models or DEFAULT_MODELS, bs, size, device, reps, warmup, min_time, fold_reps, compiled, seed, not no_progress, trust, Import or ())
     except BenchError as e: raise CliError(f'fastfold-bench: error: {str(e).replace(TRUST, "pass --trust to load a file from a source you trust")}') from None
     print(report(df, machine_info(device)))
     if csv: write_csv(df, csv); print(f'wrote {csv}')

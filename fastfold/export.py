@@ -194,14 +194,13 @@ def check_export_file(fname:str|Path, # a file written by `torch.save`
     "Raise if `fname` is not a whole `torch.save` archive, if `fastfold.scan`'s checking loader refuses it (unless `trust`), or if it would need fastfold"
     with zipfile.ZipFile(fname) as z:
         if (bad := z.testzip()) is not None: raise ValueError(f'{bad} in {fname} is corrupt')
-    data = torch_pickle(Path(fname).read_bytes())
-    if not trust:
-        try: load_checked(fname, modules)
-        except UnsafeFileError as e: raise ValueError(f'the checking loader refuses it: {e}: remove what the learner keeps that pickles as such') from None
-    refs = pickle_refs(data)
+    refs = pickle_refs(torch_pickle(Path(fname).read_bytes()))
     ff = sorted(r for r in refs if _is_ff_name(r.split(':')[0]))
     if ff: raise ValueError(f'the file would need fastfold to load: it refers to {", ".join(ff)}; '
                             'remove the fastfold objects the learner or its callbacks keep')
+    if trust: return
+    try: load_checked(fname, modules)
+    except UnsafeFileError as e: raise ValueError(f"fastfold's checking loader refuses it: {e.why}; remove what the learner keeps that pickles as such") from None
 
 # %% ../nbs/05_export.ipynb #17dbec93
 class FoldExportError(RuntimeError):
@@ -251,6 +250,7 @@ def export_folded(learn:Learner, # the learner to export; it is left as it is
                   rtol:float|None=None, # check tolerance relative to the largest output (default: `BN_Folder`'s)
                   atol:float=0., # absolute check tolerance on top of `rtol`
                   drop:Callable=_is_fastfold, # what not to pickle, among the callbacks and attributes of `learn`
+                  modules=(), # modules of your own the file may name (its model's), for the check of the written file
                  ) -> FoldReport|None:
     "Write `learn.path/fname` as `learn.export` does, with a folded and checked copy of the model; `None` on non-zero ranks"
     if rank_distrib(): return None # as fastai: only the main process writes
@@ -260,7 +260,7 @@ def export_folded(learn:Learner, # the learner to export; it is left as it is
     folder = BN_Folder(rtol, atol)
     with _step('folding the model', target): folded = folder.fold(_unwrap(learn.model), args)
     with _step('writing the file', target):
-        atomic_write(target, partial(_save_learner, learn, folded, pickle_module, pickle_protocol, drop=drop), check_export_file)
+        atomic_write(target, partial(_save_learner, learn, folded, pickle_module, pickle_protocol, drop=drop), partial(check_export_file, modules=modules))
     return folder.report
 
 # %% ../nbs/05_export.ipynb #db610f53
@@ -271,6 +271,7 @@ class FoldOnExport(Callback):
         sample=None, # input for the output check (default: one batch of `learn.dls`, see `sample_input`)
         rtol:float|None=None, # check tolerance relative to the largest output (default: `BN_Folder`'s)
         atol:float=0., # absolute check tolerance on top of `rtol`
+        modules=(), # modules of your own the file may name (its model's), for the check of the written file
     ):
         store_attr()
         self.report = None
@@ -278,7 +279,7 @@ class FoldOnExport(Callback):
     def export(self, fname='export.pkl', pickle_module=cloudpickle, pickle_protocol=2):
         "`export_folded` of the learner; what `learn.export` calls when this callback is attached"
         self.report = export_folded(self.learn, fname, pickle_module, pickle_protocol, self.sample, self.rtol, self.atol,
-                                    drop=_not_exported)
+                                    drop=_not_exported, modules=self.modules)
 
 def _not_exported(o) -> bool: return isinstance(o, FoldOnExport) or _is_fastfold(o)
 
@@ -380,14 +381,14 @@ def fold_learner_file(src:str|Path, # a learner written by `learn.export()`, fro
 # %% ../nbs/05_export.ipynb #c29f0d2c
 @call_parse
 def fastfold_fold(
-    src:str, # a learner written by `learn.export()`, from someone you trust: loading it runs code from it
+    src:str, # a learner written by `learn.export()`
     Output:str=None, # where to write the folded learner (default: `<src stem>_folded.pkl` beside `src`)
     force:bool=False, # overwrite the output file if it exists
     size:str=None, # input size for the check (`224` or `160,128`), if the learner's resizing transforms do not tell it
     rtol:float=None, # check tolerance relative to the largest output (default 1e-4)
     atol:float=0., # absolute check tolerance on top of `rtol`
     trust:bool=False, # load SRC with Python's pickle, as fastai does, unchecked: only for a file from a source you trust
-    imports:Annotated[str, 'your own module the file may name (your model\'s), imported first; repeat for more', {'action': 'append'}]=None,
+    Import:Annotated[str, 'your own module the file may name (your model\'s), imported first; repeat for more', {'action': 'append'}]=None,
 ):
     """Fold the BatchNorm of an exported fastai learner into its layers, check the outputs, and write it as a new export.
     SRC is loaded by fastfold's checking loader, which applies an allowlist as it builds each object: a global not on
@@ -397,6 +398,6 @@ def fastfold_fold(
     (cloudpickle: a lambda, a function defined in a notebook) are code from the file: they load only with --trust,
     unless they are installed here with the same code. --trust loads a file from a source you trust with Python's
     pickle, as fastai does."""
-    try: res = fold_learner_file(src, Output, force, size, rtol, atol, trust, imports or ())
+    try: res = fold_learner_file(src, Output, force, size, rtol, atol, trust, Import or ())
     except FoldFileError as e: raise SystemExit(f'fastfold-fold: error: {str(e).replace(TRUST, "pass --trust to load a file from a source you trust")}') from None
     print(res)
