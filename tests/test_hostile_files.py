@@ -500,3 +500,30 @@ def test_state_may_not_set_copy_hooks():
     for mod,cls in (('torch.nn.modules.linear', 'Identity'), ('fastai.learner', 'Recorder')): # a listed `__setstate__`; a plain update
         data = PROTO2 + G(mod, cls) + b')\x81}' + S('__deepcopy__') + G('fastai.imports', 'noop') + b'sb.'
         with pytest.raises(UnsafeFileError, match="state sets '__deepcopy__' to fastai.imports.noop"): CheckedUnpickler(io.BytesIO(data)).load()
+
+REC = G('fastai.learner', 'Recorder') + b')\x81' # an object of an allowed class with a plain `__new__`, built by NEWOBJ
+LAYERS = { # each rule on its own, with globals `find_class` lets through: (pickle, what the refusal says)
+    'append-to-an-object': (REC + S('x') + b'a', 'adding items to a fastai.learner.Recorder, which is not a list the file built'),
+    'setitem-on-a-class': (G('collections', 'OrderedDict') + S('k') + S('v') + b's', 'adding items to collections.OrderedDict, which is not a dict the file built'),
+    'build-on-a-function': (G('fastai.imports', 'noop') + b'}' + S('a') + S('b') + b'sb', 'BUILD on fastai.imports.noop, which the file did not build (it would change it)'),
+    'call-not-listed': (G('fastai.learner', 'Recorder') + b')R', 'a call of fastai.learner.Recorder, which is not on the allowlist of what a file may call'),
+    'ducktyped-argument': (G('collections', 'OrderedDict') + REC + b'\x85R', 'collections.OrderedDict with a Recorder as argument 1, which it does not take'),
+    'reconstructor-state': (G('copyreg', '_reconstructor') + G('collections', 'OrderedDict') + G('builtins', 'dict') + REC + b'\x87R',
+                            'copyreg._reconstructor with base builtins.dict and a Recorder'),
+    'setstate-of-an-object': (G('torch.nn.modules.linear', 'Identity') + b')\x81' + REC + b'b', 'torch.nn.modules.linear.Identity.__setstate__ of a Recorder, which is not plain data'),
+    'getattr-on-the-object': (G('builtins', 'getattr') + REC + with_attr('hook', G('fastai.imports', 'noop')) + S('hook') + b'\x86R',
+                              "getattr(a fastai.learner.Recorder, 'hook'): its class has no such attribute"),
+    'newobj-own-new': (G('pathlib', 'PosixPath') + b')\x81', 'building a pathlib.PosixPath, whose __new__ is not on the allowlist'),
+    'newobj-a-class': (G('fastcore.meta', 'FixSigMeta') + b')\x81', 'building a fastcore.meta.FixSigMeta (a class or code)'),
+    'code-type': (G('types', 'CodeType'), 'types.CodeType, which rebuilds code from the file (cloudpickle by value): such a file loads only with trust=True'),
+    'persistent-id': (S('storage') + b'Q', 'a persistent id that is not a torch storage'),
+    'extension': (b'\x82\x01', 'a global from the extension registry (torch.save never writes one)'),
+}
+
+@pytest.mark.parametrize('case', list(LAYERS))
+def test_each_rule_holds_on_its_own(case):
+    "What `find_class` lets through still meets the rule of each opcode: these stay refused when `find_class` is loosened"
+    from fastfold.scan import CheckedUnpickler
+    data,why = LAYERS[case]
+    with pytest.raises(UnsafeFileError) as e: CheckedUnpickler(io.BytesIO(PROTO2 + data + b'.')).load()
+    assert str(e.value) == why, str(e.value)
