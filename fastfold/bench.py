@@ -640,7 +640,7 @@ def report(df:pd.DataFrame, machine:str, tol:float=0.02) -> str:
 
 @call_parse
 def fastfold_bench(
-    *models:str, # torchvision or timm model names, or fastai learner `.pkl` files you trust (default: resnet18 mobilenet_v2 resnet50)
+    *models:str, # torchvision or timm model names, or fastai learner `.pkl` files, loaded through fastfold's checking loader (default: resnet18 mobilenet_v2 resnet50)
     bs:Annotated[int, 'batch sizes', {'nargs': '+'}]=DEFAULT_BS,
     size:Annotated[int, 'input sizes (square images)', {'nargs': '+'}]=DEFAULT_SIZES,
     device:str='cpu', # cpu or cuda

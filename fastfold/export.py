@@ -393,8 +393,8 @@ def fastfold_fold(
     """Fold the BatchNorm of an exported fastai learner into its layers, check the outputs, and write it as a new export.
     SRC is loaded by fastfold's checking loader, which applies an allowlist as it builds each object: a global not on
     it, a call, or a change of an object it does not allow is refused in one line before that object is built, and
-    nothing from the file runs. Nothing is imported because the file names it: only modules of the packages fastfold
-    loads from (torch, fastai, timm, ...) and those you name with --import. Functions the file rebuilds by value
+    nothing from the file runs. Nothing is imported because the file names it: only modules fastfold loads from
+    (torch.nn, fastai, timm, ...) and those you name with --import. Functions the file rebuilds by value
     (cloudpickle: a lambda, a function defined in a notebook) are code from the file: they load only with --trust,
     unless they are installed here with the same code. --trust loads a file from a source you trust with Python's
     pickle, as fastai does."""
