@@ -527,3 +527,13 @@ def test_each_rule_holds_on_its_own(case):
     data,why = LAYERS[case]
     with pytest.raises(UnsafeFileError) as e: CheckedUnpickler(io.BytesIO(PROTO2 + data + b'.')).load()
     assert str(e.value) == why, str(e.value)
+
+def test_loads_after_torch_compile(tmp_path, tab):
+    "`torch.compile` replaces `nn.Module.__setstate__` in the process (with torch's own wrapper): files still load"
+    from torch._dynamo.mutation_guard import install_generation_tagging_init
+    tab.path = tmp_path
+    tab.export('export.pkl')
+    load_learner_checked(tmp_path/'export.pkl') # the loader's tables are made once, before torch.compile may run
+    install_generation_tagging_init()
+    assert vars(torch.nn.Module)['__setstate__'].__qualname__ == 'install_generation_tagging_init.<locals>.patched_setstate'
+    assert type(load_learner_checked(tmp_path/'export.pkl').model) is type(tab.model)
