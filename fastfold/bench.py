@@ -37,7 +37,8 @@ CSV_COLUMNS = ['model', 'batch_size', 'size', 'device', 'variant', 'ms_median', 
 
 def parse_request(models, # names (torchvision, timm, learner `.pkl`), modules, or `(name, module)` pairs
                   bs, sizes, device, reps=1, fold_reps=1,
-                  trust=False, # do not check learner files before loading them
+                  trust=False, # load learner files with Python's pickle, unchecked
+                  modules=(), # your own modules learner files may name, imported first
                  ) -> list[tuple]:
     "`[(model, source)]`: each model with `model_source` of its name (`None` for a module); `BenchError` for anything the benchmark cannot run"
     if not models: raise BenchError('no models given')
@@ -55,7 +56,7 @@ def parse_request(models, # names (torchvision, timm, learner `.pkl`), modules, 
     for m in models:
         if not isinstance(m, (str, nn.Module, tuple)): raise BenchError(f'not a model: {type(m).__name__}')
         source = model_source(m) if isinstance(m, str) else None
-        if source == 'learner' and not trust: scan_learner_file(m) # before any model runs
+        if source == 'learner' and not trust: scan_learner_file(m, modules) # through the checking loader, before any model runs
         out.append((m, source))
     return out
 
@@ -71,10 +72,11 @@ def bench(models=DEFAULT_MODELS, # names (torchvision, timm, learner `.pkl`), mo
           compiled:bool=False, # also time `torch.compile` of the original and of the folded model
           seed:int=0, # seeds weights, BN statistics and inputs
           progress:bool=True, # show a progress bar over the runs
-          trust:bool=False, # load learner files without checking them first: only files from a source you trust
+          trust:bool=False, # load learner files with Python's pickle, unchecked: only files from a source you trust
+          modules=(), # your own modules learner files may name (their models'), imported first
          ) -> pd.DataFrame:
     "One row per model (and backbone), batch size, input size and variant: latency, throughput, params, BN left, output difference, fold time"
-    models = parse_request(models, bs, sizes, device, reps, fold_reps, trust)
+    models = parse_request(models, bs, sizes, device, reps, fold_reps, trust, modules)
     runs = [(i,b,s) for i in range(len(models)) for b in bs for s in sizes]
     rows,current,pb = [],(None, None),(progress_bar(runs) if progress else None) # fastprogress prints even with display=False
     for i,b,s in (runs if pb is None else pb):
@@ -82,7 +84,7 @@ def bench(models=DEFAULT_MODELS, # names (torchvision, timm, learner `.pkl`), mo
         if pb is not None: pb.comment = f'{m if isinstance(m, str) else "model"}, bs {b}, {s}px'
         if current[0] != i:
             current = (None, None); gc.collect() # one model in memory at a time
-            current = (i, bench_model(m, source, seed, min(sizes), device, fold_reps, compiled, trust))
+            current = (i, bench_model(m, source, seed, min(sizes), device, fold_reps, compiled, trust, modules))
         bm = current[1]
         t = TASKS[bm.task]
         x = _to(model_input(bm.task, b, s, bm.channels, torch.Generator().manual_seed(seed)), device)
@@ -189,7 +191,7 @@ def report(df:pd.DataFrame, machine:str, tol:float=0.02) -> str:
 
 @call_parse
 def fastfold_bench(
-    *models:str, # torchvision or timm model names, or fastai learner `.pkl` files you trust (default: resnet18 mobilenet_v2 resnet50)
+    *models:str, # torchvision or timm model names, or fastai learner `.pkl` files, loaded through fastfold's checking loader (default: resnet18 mobilenet_v2 resnet50)
     bs:Annotated[int, 'batch sizes', {'nargs': '+'}]=DEFAULT_BS,
     size:Annotated[int, 'input sizes (square images)', {'nargs': '+'}]=DEFAULT_SIZES,
     device:str='cpu', # cpu or cuda
@@ -202,13 +204,14 @@ def fastfold_bench(
     csv:str=None, # write the rows to this CSV file
     plot:str=None, # write a PNG bar chart of latency relative to original here
     no_progress:bool=False, # hide the progress bar
-    trust:bool=False, # load learner files as fastai does, without the allowlist check their pickle gets first: only files from a source you trust
+    trust:bool=False, # load learner files with Python's pickle, as fastai does, not through fastfold's checking loader (its allowlist): only files from a source you trust
+    Import:Annotated[str, "your own module a learner file may name (its model's), imported first; repeat for more", {'action': 'append'}]=None,
 ):
     "Benchmark BatchNorm folding: original, fastfold, fx_fuse and no_bn (the floor), interleaved, on this machine"
     try:
         for opt,p in (('--csv', csv), ('--plot', plot)):
             if p and not Path(p).resolve().parent.is_dir(): raise BenchError(f'{opt} {p}: no folder {Path(p).parent}')
-        df = bench(models or DEFAULT_MODELS, bs, size, device, reps, warmup, min_time, fold_reps, compiled, seed, not no_progress, trust)
+        df = bench(models or DEFAULT_MODELS, bs, size, device, reps, warmup, min_time, fold_reps, compiled, seed, not no_progress, trust, Import or ())
     except BenchError as e: raise CliError(f'fastfold-bench: error: {str(e).replace(TRUST, "pass --trust to load a file from a source you trust")}') from None
     print(report(df, machine_info(device)))
     if csv: write_csv(df, csv); print(f'wrote {csv}')

@@ -16,7 +16,7 @@ from torch import nn, Tensor
 from .core import one_line
 from .layers import BN_FUNCTIONS, bn_layers
 from .inputs import random_batch, random_images, random_clips, input_channels
-from .scan import UnsafeFileError, scan_torch_file, load_learner_checked
+from .scan import UnsafeFileError, load_checked, load_learner_checked
 
 # %% auto #0
 __all__ = ['TASKS', 'BenchError', 'model_source', 'scan_learner_file', 'load_model', 'equal_work', 'set_image_size',
@@ -60,13 +60,13 @@ def _learner_errors(name:str):
     except UnsafeFileError as e: raise BenchError(str(e)) from None
     except Exception as e: raise BenchError(f'could not load the learner {name}: {one_line(e)}') from None
 
-def scan_learner_file(name:str):
-    "Raise a one-line `BenchError` if loading the learner file `name` would make a call `fastfold.scan` does not know to be safe"
-    with _learner_errors(name): scan_torch_file(name)
+def scan_learner_file(name:str, modules=()):
+    "Raise a one-line `BenchError` if `fastfold.scan`'s checking loader refuses the learner file `name` (loaded into nothing)"
+    with _learner_errors(name): load_checked(name, modules)
 
-def _learner_model(name:str, trust:bool=False) -> nn.Module:
-    "The eval-mode `model` of the learner file `name`, loaded by `fastfold.scan`'s checked loader (unchecked if `trust`)"
-    with _learner_errors(name): return load_learner_checked(name, cpu=True, trust=trust).model.eval()
+def _learner_model(name:str, trust:bool=False, modules=()) -> nn.Module:
+    "The eval-mode `model` of the learner file `name`, loaded by `fastfold.scan`'s checking loader (by Python's pickle if `trust`)"
+    with _learner_errors(name): return load_learner_checked(name, cpu=True, trust=trust, modules=modules).model.eval()
 
 # %% ../nbs/06a_bench_models.ipynb #5810c7a0
 def _torchvision_model(name):
@@ -78,12 +78,13 @@ def _torchvision_model(name):
 
 def load_model(name:str, # torchvision or timm model name, or fastai learner `.pkl` file
                seed:int=0, # seeds the random weights of a named model
-               trust:bool=False, # load a learner file without checking it first: only for a file from a source you trust
+               trust:bool=False, # load a learner file with Python's pickle, unchecked: only for a file from a source you trust
                source:str|None=None, # `model_source(name)`, when the caller has it already
+               modules=(), # your own modules a learner file may name (its model's), imported first
               ) -> nn.Module:
     "An eval-mode model: a named one with random weights (nothing is downloaded), or the `model` of a learner file, once checked"
     src = source or model_source(name)
-    if src == 'learner': return _learner_model(name, trust)
+    if src == 'learner': return _learner_model(name, trust, modules)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if src == 'torchvision': return _torchvision_model(name).eval()
@@ -276,12 +277,13 @@ def prepared_model(m, # a name (torchvision, timm, learner `.pkl`), a module, or
                    seed:int=0, # seeds weights, BN statistics and the calibration input
                    size:int=224, # image size of the calibration input (and of a detector's images)
                    device='cpu',
-                   trust:bool=False, # load a learner file without checking it first
+                   trust:bool=False, # load a learner file with Python's pickle, unchecked
+                   modules=(), # your own modules a learner file may name, imported first
                   ) -> tuple[str,nn.Module,str]:
     "`(name, eval-mode model on device, task)`: a named model is loaded and, unless it is a learner, gets calibrated BN statistics; a detector does the same work whatever its scores"
     if isinstance(m, tuple): name,model = m
     elif isinstance(m, nn.Module): name,model = type(m).__name__,m
-    else: name,model = m,load_model(m, seed, trust, source)
+    else: name,model = m,load_model(m, seed, trust, source, modules)
     task = model_task(model)
     t = TASKS[task]
     if t.resize is not None or t.same_work is not None:

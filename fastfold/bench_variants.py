@@ -117,10 +117,11 @@ def bench_model(m, # a name, a module, or a `(name, module)` pair
                 seed:int=0, size:int=224, device='cpu',
                 fold_reps:int=3, # folds timed per folding variant
                 compiled:bool=False, # also the `torch.compile` variants
-                trust:bool=False, # load a learner file without checking it first
+                trust:bool=False, # load a learner file with Python's pickle, unchecked
+                modules=(), # your own modules a learner file may name, imported first
                ) -> BenchModel:
     "`m` prepared (`prepared_model`), its variants made, and for a model with a backbone the backbone's too"
-    name,model,task = prepared_model(m, source, seed, size, device, trust)
+    name,model,task = prepared_model(m, source, seed, size, device, trust, modules)
     t,c = TASKS[task],input_channels(model)
     x1 = _to(model_input(task, 1, size, c, torch.Generator().manual_seed(seed)), device)
     vs = make_variants(model, fold_reps, compiled)

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Annotated, Callable
 import cloudpickle, torch
 from torch import nn, Tensor
 from fastcore.basics import store_attr, first, patch
@@ -24,7 +24,7 @@ with quiet_fastai_import():
     from fastai.torch_core import rank_distrib
 from .inputs import sample_input
 from .fold import BN_Folder, FoldReport, FoldCheckError
-from .scan import pickle_refs, unknown_calls, torch_pickle, scan_torch_file, load_learner_checked, UnsafeFileError, TRUST, _top_global
+from .scan import pickle_refs, torch_pickle, load_checked, load_learner_checked, UnsafeFileError, TRUST, _top_global
 
 # %% auto #0
 __all__ = ['atomic_write', 'check_export_file', 'FoldExportError', 'export_folded', 'FoldOnExport', 'FoldFileError', 'FoldedFile',
@@ -102,20 +102,19 @@ def atomic_write(fname:str|Path, # the file to write
 def _is_ff_name(mod) -> bool: return isinstance(mod, str) and (mod == 'fastfold' or mod.startswith('fastfold.'))
 
 def check_export_file(fname:str|Path, # a file written by `torch.save`
-                      allow=(), # calls not known to be safe that may stay: those of a source file the user trusted
+                      trust:bool=False, # the file comes from a source the user trusted: not loaded (that would run its code)
+                      modules=(), # the user's own modules the file may name, as in `load_learner_checked`
                      ):
-    "Raise if `fname` is not a whole `torch.save` archive, if loading it would make a call `fastfold.scan` does not know to be safe, or would need fastfold"
+    "Raise if `fname` is not a whole `torch.save` archive, if `fastfold.scan`'s checking loader refuses it (unless `trust`), or if it would need fastfold"
     with zipfile.ZipFile(fname) as z:
         if (bad := z.testzip()) is not None: raise ValueError(f'{bad} in {fname} is corrupt')
-    data = torch_pickle(Path(fname).read_bytes())
-    if unknown := [c for c in unknown_calls(data) if c not in allow]:
-        raise ValueError(f'loading the file would call what is not known to be safe: {", ".join(unknown[:4])}'
-                         f'{f" and {len(unknown)-4} more" if len(unknown) > 4 else ""}: '
-                         'remove what the learner keeps that pickles as such a call')
-    refs = pickle_refs(data)
+    refs = pickle_refs(torch_pickle(Path(fname).read_bytes()))
     ff = sorted(r for r in refs if _is_ff_name(r.split(':')[0]))
     if ff: raise ValueError(f'the file would need fastfold to load: it refers to {", ".join(ff)}; '
                             'remove the fastfold objects the learner or its callbacks keep')
+    if trust: return
+    try: load_checked(fname, modules)
+    except UnsafeFileError as e: raise ValueError(f"fastfold's checking loader refuses it: {e.why}; remove what the learner keeps that pickles as such") from None
 
 # %% ../nbs/05_export.ipynb #17dbec93
 class FoldExportError(RuntimeError):
@@ -165,6 +164,7 @@ def export_folded(learn:Learner, # the learner to export; it is left as it is
                   rtol:float|None=None, # check tolerance relative to the largest output (default: `BN_Folder`'s)
                   atol:float=0., # absolute check tolerance on top of `rtol`
                   drop:Callable=_is_fastfold, # what not to pickle, among the callbacks and attributes of `learn`
+                  modules=(), # modules of your own the file may name (its model's), for the check of the written file
                  ) -> FoldReport|None:
     "Write `learn.path/fname` as `learn.export` does, with a folded and checked copy of the model; `None` on non-zero ranks"
     if rank_distrib(): return None # as fastai: only the main process writes
@@ -174,7 +174,7 @@ def export_folded(learn:Learner, # the learner to export; it is left as it is
     folder = BN_Folder(rtol, atol)
     with _step('folding the model', target): folded = folder.fold(_unwrap(learn.model), args)
     with _step('writing the file', target):
-        atomic_write(target, partial(_save_learner, learn, folded, pickle_module, pickle_protocol, drop=drop), check_export_file)
+        atomic_write(target, partial(_save_learner, learn, folded, pickle_module, pickle_protocol, drop=drop), partial(check_export_file, modules=modules))
     return folder.report
 
 # %% ../nbs/05_export.ipynb #db610f53
@@ -185,6 +185,7 @@ class FoldOnExport(Callback):
         sample=None, # input for the output check (default: one batch of `learn.dls`, see `sample_input`)
         rtol:float|None=None, # check tolerance relative to the largest output (default: `BN_Folder`'s)
         atol:float=0., # absolute check tolerance on top of `rtol`
+        modules=(), # modules of your own the file may name (its model's), for the check of the written file
     ):
         store_attr()
         self.report = None
@@ -192,7 +193,7 @@ class FoldOnExport(Callback):
     def export(self, fname='export.pkl', pickle_module=cloudpickle, pickle_protocol=2):
         "`export_folded` of the learner; what `learn.export` calls when this callback is attached"
         self.report = export_folded(self.learn, fname, pickle_module, pickle_protocol, self.sample, self.rtol, self.atol,
-                                    drop=_not_exported)
+                                    drop=_not_exported, modules=self.modules)
 
 def _not_exported(o) -> bool: return isinstance(o, FoldOnExport) or _is_fastfold(o)
 
@@ -241,13 +242,13 @@ def _why_not_loaded(src:Path, e:Exception) -> str:
     if top is not None and not top.startswith('fastai.') and not top.startswith('cloudpickle'):
         return f'it holds a {top.replace(":", ".")}, not a fastai Learner'
     if isinstance(e, UnboundLocalError): # fastai's `load_learner` swallows some `ImportError`s, then fails on `res`
-        try: scan_torch_file(src, raw); torch.load(io.BytesIO(raw), map_location='cpu', weights_only=False) # the file may have changed since: check what is loaded
+        try: load_checked(src, raw=raw) # the error fastai swallowed, from the same loader
         except Exception as e2: e = e2
     return f'loading it failed: {one_line(e)}'
 
-def _load_export(src:Path, trust:bool=False) -> Learner:
-    "The learner in `src`, loaded once `fastfold.scan` found every call known to be safe (unless `trust`); fastai's warning shows"
-    try: learn = load_learner_checked(src, trust=trust)
+def _load_export(src:Path, trust:bool=False, modules=()) -> Learner:
+    "The learner in `src`, loaded by `fastfold.scan`'s checking loader (with Python's pickle and fastai's warning if `trust`)"
+    try: learn = load_learner_checked(src, trust=trust, modules=modules)
     except UnsafeFileError as e: raise FoldFileError(str(e)) from None
     except Exception as e: raise FoldFileError(f'{src} is not a fastai export: {_why_not_loaded(src, e)}') from e
     if not isinstance(learn, Learner): raise FoldFileError(f'{src} holds a {type(learn).__name__}, not a fastai Learner')
@@ -266,9 +267,10 @@ def fold_learner_file(src:str|Path, # a learner written by `learn.export()`, fro
                       size:int|tuple|str|None=None, # input size for the check, if the learner's transforms do not tell it
                       rtol:float|None=None, # check tolerance relative to the largest output (default: `BN_Folder`'s)
                       atol:float=0., # absolute check tolerance on top of `rtol`
-                      trust:bool=False, # load `src` without checking its pickle: only for a file from a source you trust
+                      trust:bool=False, # load `src` with Python's pickle, unchecked: only for a file from a source you trust
+                      modules=(), # your own modules the file may name (your model's), imported first
                      ) -> FoldedFile:
-    "Check the exported learner `src` (`fastfold.scan`) and load it, fold its model, check it on a sample input, write it to `dst` atomically"
+    "Load the exported learner `src` through `fastfold.scan`'s checking loader, fold its model, check it on a sample input, write it to `dst` atomically"
     src = Path(src)
     dst = Path(dst) if dst is not None else src.with_name(f'{src.stem}_folded{src.suffix or ".pkl"}')
     size = _parse_size(size)
@@ -278,8 +280,7 @@ def fold_learner_file(src:str|Path, # a learner written by `learn.export()`, fro
     if dst.exists() and not force: raise FoldFileError(f'{dst} exists: pass --force to overwrite it')
     if not dst.parent.is_dir(): raise FoldFileError(f'{dst.parent} is not a folder: cannot write {dst}')
     bytes_before = src.stat().st_size
-    allow = set(unknown_calls(torch_pickle(src.read_bytes()))) if trust else () # what the trusted source had may stay
-    learn = _load_export(src, trust)
+    learn = _load_export(src, trust, modules)
     try: args = sample_input(learn, size)
     except Exception as e: raise FoldFileError(f'cannot make a sample input for the check: {one_line(e)} (--size)') from e
     shapes = [tuple(a.shape) for a in args if isinstance(a, Tensor)]
@@ -287,27 +288,30 @@ def fold_learner_file(src:str|Path, # a learner written by `learn.export()`, fro
     try: folded = folder.fold(_unwrap(learn.model), args)
     except Exception as e:
         raise FoldFileError(f'folding {src} failed (sample input of shape {", ".join(map(str, shapes))}): {one_line(e)}') from e
-    try: atomic_write(dst, partial(_save_learner, learn, folded, cloudpickle, 2), partial(check_export_file, allow=allow))
+    try: atomic_write(dst, partial(_save_learner, learn, folded, cloudpickle, 2), partial(check_export_file, trust=trust, modules=modules))
     except Exception as e: raise FoldFileError(f'writing {dst} failed: {one_line(e)}') from e
     return FoldedFile(src, dst, folder.report, bytes_before, dst.stat().st_size, shapes)
 
 # %% ../nbs/05_export.ipynb #c29f0d2c
 @call_parse
 def fastfold_fold(
-    src:str, # a learner written by `learn.export()`, from someone you trust: loading it runs code from it
+    src:str, # a learner written by `learn.export()`
     Output:str=None, # where to write the folded learner (default: `<src stem>_folded.pkl` beside `src`)
     force:bool=False, # overwrite the output file if it exists
     size:str=None, # input size for the check (`224` or `160,128`), if the learner's resizing transforms do not tell it
     rtol:float=None, # check tolerance relative to the largest output (default 1e-4)
     atol:float=0., # absolute check tolerance on top of `rtol`
-    trust:bool=False, # load SRC without checking it first, as fastai does: only for a file from a source you trust
+    trust:bool=False, # load SRC with Python's pickle, as fastai does, unchecked: only for a file from a source you trust
+    Import:Annotated[str, 'your own module the file may name (your model\'s), imported first; repeat for more', {'action': 'append'}]=None,
 ):
     """Fold the BatchNorm of an exported fastai learner into its layers, check the outputs, and write it as a new export.
-    Loading a fastai export runs code from it. So the file is read first, without running it, and loaded only if
-    every call its pickle would make is on fastfold's allowlist (what real fastai exports call to rebuild their data);
-    otherwise it is refused in one line, and nothing from it runs. Passing is not proof of safety: functions and
-    classes that the file rebuilds by value (cloudpickle: a label function defined in a notebook) are code from the
-    file, and run when fastai calls them. --trust loads a file from a source you trust without the check."""
-    try: res = fold_learner_file(src, Output, force, size, rtol, atol, trust)
+    SRC is loaded by fastfold's checking loader, which applies an allowlist as it builds each object: a global not on
+    it, a call, or a change of an object it does not allow is refused in one line before that object is built, and
+    nothing from the file runs. Nothing is imported because the file names it: only modules fastfold loads from
+    (torch.nn, fastai, timm, ...) and those you name with --import. Functions the file rebuilds by value
+    (cloudpickle: a lambda, a function defined in a notebook) are code from the file: they load only with --trust,
+    unless they are installed here with the same code. --trust loads a file from a source you trust with Python's
+    pickle, as fastai does."""
+    try: res = fold_learner_file(src, Output, force, size, rtol, atol, trust, Import or ())
     except FoldFileError as e: raise SystemExit(f'fastfold-fold: error: {str(e).replace(TRUST, "pass --trust to load a file from a source you trust")}') from None
     print(res)
