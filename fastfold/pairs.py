@@ -75,14 +75,20 @@ def _keeps_whole(attr:ast.Attribute, up:dict, items:set, runs:bool) -> bool:
     if not isinstance(use, ast.Attribute): return not runs and isinstance(use, ast.Call) and isinstance(up.get(use), ast.Expr) # `init(self.child)` while built
     called = isinstance(up.get(use), ast.Call) and up[use].func is use
     if use.attr == 'forward': return called # `self.child.forward(...)`
+    store = up.get(use)
+    if not runs and use.attr in items and isinstance(store, ast.Attribute) and isinstance(store.ctx, ast.Store): return True # `self.child.decoder.head = ...` while built: set up, not kept
     if use.attr in items or use.attr in _REACH_ALL or use.attr.startswith('_'): return False # its items, or a way to them
     return not (runs and called) # a setting (`self.shortcut.stride`); while built, also a method (`add_module`)
 
-def _self_escapes(node:ast.Name, up:dict) -> bool:
-    "Does `self` itself go somewhere at `node` (iterated, indexed, passed on), from where anything in it may be reached?"
+def _self_escapes(node:ast.Name, up:dict, children=()) -> bool:
+    "Does `self` itself go somewhere at `node` (iterated, indexed, passed on), from where anything in it may be reached? `children`: its submodules' names"
     parent = up.get(node)
     if isinstance(parent, ast.Attribute): return parent.attr in _REACH_ALL # `self.children()`, `self._modules`...
-    return not (isinstance(parent, ast.Call) and isinstance(parent.func, ast.Name) and parent.func.id in ('isinstance', 'type'))
+    if not (isinstance(parent, ast.Call) and isinstance(parent.func, ast.Name) and node in parent.args): return True
+    if parent.func.id in ('isinstance', 'type'): return False
+    name = parent.args[1] if len(parent.args) > 1 and parent.args[0] is node else None # `hasattr(self, 'loss_type')`: reads one setting
+    return not (parent.func.id in ('hasattr', 'getattr') and isinstance(name, ast.Constant) and isinstance(name.value, str)
+                and name.value not in _REACH_ALL and name.value not in children)
 
 def _used_methods(tree, cls) -> list[str]:
     "The methods and properties of `cls` that the code `tree` uses: `self.method`, `super().method`"
@@ -107,9 +113,10 @@ def _code_of(cls) -> list|None:
 
 def _left_out(m:nn.Module, calls:list) -> dict|None:
     "The arguments of `m` that every call in `calls` (ast nodes) leaves out and that default to `None`; `None` if the calls disagree or cannot be read"
-    # an argument a call leaves out is `None`, where fx would make it a proxy, for which `mask is None` is False
-    out = [_none_args(m, len(c.args), [k.arg for k in c.keywords])
-           if not any(isinstance(a, ast.Starred) for a in c.args) and all(k.arg for k in c.keywords) else None for c in calls]
+    # an argument a call leaves out is `None`, where fx would make it a proxy, for which `mask is None` is False;
+    # one passing `**kwargs` may give any argument, and none is fixed (as fx traces the model's own arguments)
+    out = [None if any(isinstance(a, ast.Starred) for a in c.args) else {} if not all(k.arg for k in c.keywords)
+           else _none_args(m, len(c.args), [k.arg for k in c.keywords]) for c in calls]
     return out[0] if out and None not in out and all(o == out[0] for o in out) else None if out else {}
 
 def _code_calls_whole(parent:nn.Module, child:str) -> dict|None:
@@ -123,7 +130,7 @@ def _code_calls_whole(parent:nn.Module, child:str) -> dict|None:
     for tree,up,runs in code:
         for node in ast.walk(tree):
             if not (isinstance(node, ast.Name) and node.id == 'self'): continue
-            if runs and _self_escapes(node, up): return None
+            if runs and _self_escapes(node, up, parent._modules): return None
             attr = up.get(node)
             if not (isinstance(attr, ast.Attribute) and attr.attr in names and not isinstance(attr.ctx, (ast.Store, ast.Del))): continue
             if not _keeps_whole(attr, up, items, runs): return None
@@ -147,18 +154,26 @@ def _members(ms:list) -> set[str]:
     return {n for m in ms for d in (m._modules, m._parameters, m._buffers) for n in d}
 
 def _loop_item(node:ast.AST, up:dict) -> ast.Name|None:
-    "Where the container `node` is looped over (`for t in node`, `enumerate`, `zip`, `reversed`, `.values()`, `.items()`, a comprehension): the name each item is bound to"
-    it,pos,use = node,None,up.get(node)
-    if isinstance(use, ast.Attribute) and use.attr in ('values', 'items'):
-        call = up.get(use)
-        if not (isinstance(call, ast.Call) and call.func is use and not call.args): return None
-        it,pos = call,(None if use.attr == 'values' else 1)
-    elif isinstance(use, ast.Call) and isinstance(use.func, ast.Name) and node in use.args and not use.keywords:
-        if use.func.id not in ('enumerate', 'reversed', 'zip') or any(isinstance(a, ast.Starred) for a in use.args): return None
-        it,pos = use,{'enumerate': 1, 'reversed': None, 'zip': use.args.index(node)}[use.func.id]
-    loop,t = up.get(it),None
-    if isinstance(loop, (ast.For, ast.comprehension)) and loop.iter is it:
-        t = loop.target if pos is None else loop.target.elts[pos] if isinstance(loop.target, ast.Tuple) and len(loop.target.elts) > pos else None
+    "Where the container `node` is looped over (`for t in node`, through `enumerate`, `zip`, `reversed`, `.values()`, `.items()`, in a comprehension too): the name each item is bound to"
+    it,pos = node,[] # the place of an item in each element, from the innermost wrapper out
+    while True:
+        use = up.get(it)
+        if isinstance(use, ast.Attribute) and use.attr in ('values', 'items'):
+            call = up.get(use)
+            if not (isinstance(call, ast.Call) and call.func is use and not call.args): return None
+            it,pos = call,pos + ([] if use.attr == 'values' else [1])
+        elif (isinstance(use, ast.Call) and isinstance(use.func, ast.Name) and use.func.id in ('enumerate', 'reversed', 'zip')
+              and any(a is it for a in use.args) and not use.keywords and not any(isinstance(a, ast.Starred) for a in use.args)):
+            if use.func.id != 'zip' and use.args[0] is not it: return None
+            pos += {'enumerate': [1], 'reversed': [], 'zip': [[a is it for a in use.args].index(True)]}[use.func.id]
+            it = use
+        else: break
+    loop = up.get(it)
+    if not (isinstance(loop, (ast.For, ast.comprehension)) and loop.iter is it): return None
+    t = loop.target
+    for p in reversed(pos):
+        if not (isinstance(t, ast.Tuple) and len(t.elts) > p): return None
+        t = t.elts[p]
     return t if isinstance(t, ast.Name) else None
 
 def _item_uses(tree, up:dict, starts:list, c:nn.Module, runs:bool) -> tuple[int,list]|None:
@@ -205,7 +220,7 @@ def _code_calls_items(parent:nn.Module, child:str) -> tuple[int,list]|None:
     names,found,calls,code = {n for n,c in parent._modules.items() if c is target},0,[],_code_of(type(parent))
     if code is None: return None
     for tree,up,runs in code:
-        if runs and any(_self_escapes(n, up) for n in ast.walk(tree) if isinstance(n, ast.Name) and n.id == 'self'): return None
+        if runs and any(_self_escapes(n, up, parent._modules) for n in ast.walk(tree) if isinstance(n, ast.Name) and n.id == 'self'): return None
         starts = [a for a in ast.walk(tree) if isinstance(a, ast.Attribute) and a.attr in names and isinstance(a.value, ast.Name)
                   and a.value.id == 'self' and not isinstance(a.ctx, (ast.Store, ast.Del))]
         if (r := _item_uses(tree, up, starts, target, runs)) is None: return None
