@@ -265,3 +265,75 @@ def test_tsai_xcm_folds_every_bn_given_a_sample():
     r = fold(m, sample=x, inputs=[(x,), (torch.randn(4, 3, 16),)])
     assert r.left == [] and len(r.folded) == len(bn_layers(m)) == 3, r
     assert [p.layer for p in r.folded] == ['conv2dblock.1.conv2d_same', 'conv1dblock.0.conv1d_same', 'conv1d.0.conv1d_same']
+
+# ---- the items of a container, reached one by one from an untraceable parent, without a sample
+class ConvBN(nn.Module):
+    def __init__(self, c=4): super().__init__(); self.conv,self.bn = nn.Conv2d(c, c, 3, padding=1),nn.BatchNorm2d(c)
+    def forward(self, x): return self.bn(self.conv(x))
+    def setup(self): self.ready = True
+
+class LoopsItems(nn.Module):
+    "Calls each item of a ModuleList in a loop, with a residual add between: item 0 ends in a conv, item 1 starts with a BN"
+    def __init__(self, c=4):
+        super().__init__()
+        self.items = nn.ModuleList([nn.Sequential(nn.Conv2d(c, c, 1), nn.BatchNorm2d(c), nn.Conv2d(c, c, 1)),
+                                    nn.Sequential(nn.BatchNorm2d(c), nn.ReLU(), nn.Conv2d(c, c, 1), nn.BatchNorm2d(c))])
+        m = self.items[-1] # while built, an item may be set up: an attribute set, a method called
+        m.stride = 1
+    def forward(self, x):
+        if x.shape[-1] < 2: return x
+        for i,item in enumerate(self.items): x = item(x) + x
+        return x
+
+class IndexesItem(nn.Module):
+    def __init__(self, c=4): super().__init__(); self.items = nn.ModuleList([ConvBN(c), ConvBN(c)]); self.items[0].setup()
+    def forward(self, x):
+        if x.shape[-1] > 1: x = self.items[0](x) + x
+        return self.items[1].forward(x) * (2 if self.items[1].training else 1)
+
+class CallsPartOfItem(nn.Module):
+    "Calls a submodule of an item, and something else before the item's BN"
+    def __init__(self, c=4): super().__init__(); self.items = nn.ModuleList([ConvBN(c)])
+    def forward(self, x):
+        y = self.items[0].conv(x)
+        if y.shape[1] == x.shape[1]: y = y + x
+        return self.items[0].bn(y)
+
+def run_item(item, x): return item.bn(item.conv(x) + x)
+
+class PassesItem(nn.Module):
+    "Passes each item to a function, which calls the item's parts with an add between"
+    def __init__(self, c=4): super().__init__(); self.items = nn.ModuleList([ConvBN(c), ConvBN(c)])
+    def forward(self, x):
+        for item in self.items: x = run_item(item, x) if x.shape[-1] > 1 else item(x)
+        return x
+
+class Nested(nn.Module):
+    "Loops over stages and over each stage's blocks, with an add after each block"
+    def __init__(self, c=4): super().__init__(); self.stages = nn.ModuleList([nn.ModuleList([ConvBN(c), ConvBN(c)]) for _ in range(2)])
+    def forward(self, x):
+        for stage in self.stages:
+            for block in stage: x = block(x) + (x if x.shape[-1] > 1 else 0)
+        return x
+
+ITEM_PAIRS = {LoopsItems: [('items.0.0', 'items.0.1'), ('items.1.2', 'items.1.3')], # never `items.0.2 -> items.1.0`, across the add
+              IndexesItem: [('items.0.conv', 'items.0.bn'), ('items.1.conv', 'items.1.bn')],
+              Nested: [(f'stages.{i}.{j}.conv', f'stages.{i}.{j}.bn') for i in range(2) for j in range(2)],
+              CallsPartOfItem: [], PassesItem: []}
+
+@pytest.mark.parametrize('block', list(ITEM_PAIRS))
+def test_items_an_untraceable_parent_only_calls_fold_inside_each_without_a_sample(block):
+    r = fold(block(), inputs=inputs(2, 4, 6, 6))
+    assert sorted((p.layer, p.bn) for p in r.folded) == sorted(ITEM_PAIRS[block]), r
+    if block is LoopsItems: assert reasons(r) == {'items.1.0': 'its input comes from the input of `items.1`, not a foldable layer'}
+    if not ITEM_PAIRS[block]: assert all('fold with a sample to settle it' in why for why in reasons(r).values()), r
+
+@pytest.mark.parametrize('block', [CallsPartOfItem, PassesItem])
+def test_pairing_inside_items_reached_other_than_by_a_call_would_be_wrong(block, monkeypatch):
+    monkeypatch.setattr(fastfold.pairs, '_not_shown', lambda v, g, untraceable: v)
+    m = randomize_bn(block()).eval()
+    folder = BN_Folder()
+    folded = folder.fold(m)
+    assert folder.report.folded
+    x = torch.randn(2, 4, 6, 6)
+    with torch.no_grad(): assert rel_diff(m(x), folded(x)) > 1e-2
