@@ -337,3 +337,14 @@ def test_pairing_inside_items_reached_other_than_by_a_call_would_be_wrong(block,
     assert folder.report.folded
     x = torch.randn(2, 4, 6, 6)
     with torch.no_grad(): assert rel_diff(m(x), folded(x)) > 1e-2
+
+class GetsByName(Add):
+    "Reaches its container by `getattr(self, 'seq')`, then loops over its items with an add between"
+    def forward(self, x):
+        seq = getattr(self, 'seq') if hasattr(self, 'seq') else None
+        for layer in seq: x = layer(x) + (x if x.shape[-1] > 1 else 0)
+        return x
+
+def test_a_child_reached_by_getattr_is_not_shown():
+    r = fold(GetsByName(), inputs=inputs(2, 4, 6, 6))
+    assert r.folded == [] and all('fold with a sample to settle it' in why for why in reasons(r).values()), r
