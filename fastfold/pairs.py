@@ -113,10 +113,9 @@ def _code_of(cls) -> list|None:
 
 def _left_out(m:nn.Module, calls:list) -> dict|None:
     "The arguments of `m` that every call in `calls` (ast nodes) leaves out and that default to `None`; `None` if the calls disagree or cannot be read"
-    # an argument a call leaves out is `None`, where fx would make it a proxy, for which `mask is None` is False;
-    # one passing `**kwargs` may give any argument, and none is fixed (as fx traces the model's own arguments)
-    out = [None if any(isinstance(a, ast.Starred) for a in c.args) else {} if not all(k.arg for k in c.keywords)
-           else _none_args(m, len(c.args), [k.arg for k in c.keywords]) for c in calls]
+    # an argument a call leaves out is `None`, where fx would make it a proxy, for which `mask is None` is False
+    out = [_none_args(m, len(c.args), [k.arg for k in c.keywords])
+           if not any(isinstance(a, ast.Starred) for a in c.args) and all(k.arg for k in c.keywords) else None for c in calls]
     return out[0] if out and None not in out and all(o == out[0] for o in out) else None if out else {}
 
 def _code_calls_whole(parent:nn.Module, child:str) -> dict|None:

@@ -348,3 +348,19 @@ class GetsByName(Add):
 def test_a_child_reached_by_getattr_is_not_shown():
     r = fold(GetsByName(), inputs=inputs(2, 4, 6, 6))
     assert r.folded == [] and all('fold with a sample to settle it' in why for why in reasons(r).values()), r
+
+class AddsUnlessMasked(nn.Module):
+    def __init__(self, c=4): super().__init__(); self.conv,self.bn = nn.Conv2d(c, c, 1),nn.BatchNorm2d(c)
+    def forward(self, x, mask=None):
+        y = self.conv(x)
+        if mask is None: y = y + x
+        return self.bn(y)
+
+class PassesKwargs(nn.Module):
+    "Calls its child with `**kwargs`: whether `mask` is `None` there is not in the code (fx would trace it as given)"
+    def __init__(self): super().__init__(); self.child = AddsUnlessMasked()
+    def forward(self, x, **kwargs): return x if x.shape[-1] < 2 else self.child(x, **kwargs)
+
+def test_a_child_called_with_kwargs_is_not_shown():
+    r = fold(PassesKwargs(), inputs=inputs(2, 4, 6, 6))
+    assert r.folded == [] and all('fold with a sample to settle it' in why for why in reasons(r).values()), r
