@@ -75,14 +75,20 @@ def _keeps_whole(attr:ast.Attribute, up:dict, items:set, runs:bool) -> bool:
     if not isinstance(use, ast.Attribute): return not runs and isinstance(use, ast.Call) and isinstance(up.get(use), ast.Expr) # `init(self.child)` while built
     called = isinstance(up.get(use), ast.Call) and up[use].func is use
     if use.attr == 'forward': return called # `self.child.forward(...)`
+    store = up.get(use)
+    if not runs and use.attr in items and isinstance(store, ast.Attribute) and isinstance(store.ctx, ast.Store): return True # `self.child.decoder.head = ...` while built: set up, not kept
     if use.attr in items or use.attr in _REACH_ALL or use.attr.startswith('_'): return False # its items, or a way to them
     return not (runs and called) # a setting (`self.shortcut.stride`); while built, also a method (`add_module`)
 
-def _self_escapes(node:ast.Name, up:dict) -> bool:
-    "Does `self` itself go somewhere at `node` (iterated, indexed, passed on), from where anything in it may be reached?"
+def _self_escapes(node:ast.Name, up:dict, children=()) -> bool:
+    "Does `self` itself go somewhere at `node` (iterated, indexed, passed on), from where anything in it may be reached? `children`: its submodules' names"
     parent = up.get(node)
     if isinstance(parent, ast.Attribute): return parent.attr in _REACH_ALL # `self.children()`, `self._modules`...
-    return not (isinstance(parent, ast.Call) and isinstance(parent.func, ast.Name) and parent.func.id in ('isinstance', 'type'))
+    if not (isinstance(parent, ast.Call) and isinstance(parent.func, ast.Name) and node in parent.args): return True
+    if parent.func.id in ('isinstance', 'type'): return False
+    name = parent.args[1] if len(parent.args) > 1 and parent.args[0] is node else None # `hasattr(self, 'loss_type')`: reads one setting
+    return not (parent.func.id in ('hasattr', 'getattr') and isinstance(name, ast.Constant) and isinstance(name.value, str)
+                and name.value not in _REACH_ALL and name.value not in children)
 
 def _used_methods(tree, cls) -> list[str]:
     "The methods and properties of `cls` that the code `tree` uses: `self.method`, `super().method`"
@@ -90,15 +96,10 @@ def _used_methods(tree, cls) -> list[str]:
                             isinstance(v, ast.Call) and isinstance(v.func, ast.Name) and v.func.id == 'super')
     return [n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute) and on_self(n.value) and _definitions(cls, n.attr)]
 
-def _code_calls_whole(parent:nn.Module, child:str) -> dict|None:
-    """The arguments to trace as `None` if `parent`'s code reaches its child `child` only by calling it, `self.child(...)`,
-    so never its items one by one; else `None`. Read from the source of `forward` and of what it uses, and of `__init__`
-    (which might keep the child's items elsewhere)"""
-    target = parent._modules[child]
-    names = {n for n,c in parent._modules.items() if c is target} # every attribute that holds it
-    items,cls,calls = set(target._modules),type(parent),[]
+def _code_of(cls) -> list|None:
+    "`(tree, up, runs)` for the source of `cls.forward` and of every method and property it uses (`runs`), and of `__init__` and what it uses; `None` if one has no source"
     if not _definitions(cls, 'forward'): return None
-    todo,done = [('forward', True), ('__init__', False)],set() # `True`: code that runs with `forward`
+    out,todo,done = [],[('forward', True), ('__init__', False)],set() # `True`: code that runs with `forward`
     while todo:
         name,runs = todo.pop()
         if (name, runs) in done: continue
@@ -106,20 +107,126 @@ def _code_calls_whole(parent:nn.Module, child:str) -> dict|None:
         for f in _definitions(cls, name):
             try: tree = ast.parse(textwrap.dedent(inspect.getsource(f)))
             except (OSError, TypeError, SyntaxError): return None # no source to read: nothing shown
-            up = {c: p for p in ast.walk(tree) for c in ast.iter_child_nodes(p)}
+            out.append((tree, {c: p for p in ast.walk(tree) for c in ast.iter_child_nodes(p)}, runs))
             todo += [(m, runs) for m in _used_methods(tree, cls)]
-            for node in ast.walk(tree):
-                if not (isinstance(node, ast.Name) and node.id == 'self'): continue
-                if runs and _self_escapes(node, up): return None
-                attr = up.get(node)
-                if not (isinstance(attr, ast.Attribute) and attr.attr in names and not isinstance(attr.ctx, (ast.Store, ast.Del))): continue
-                if not _keeps_whole(attr, up, items, runs): return None
-                call = up[attr] if isinstance(up.get(attr), ast.Call) else up.get(up.get(attr)) # `self.child(...)`, `self.child.forward(...)`
-                if runs and isinstance(call, ast.Call) and call.func in (attr, up.get(attr)): calls.append(call)
+    return out
+
+def _left_out(m:nn.Module, calls:list) -> dict|None:
+    "The arguments of `m` that every call in `calls` (ast nodes) leaves out and that default to `None`; `None` if the calls disagree or cannot be read"
     # an argument a call leaves out is `None`, where fx would make it a proxy, for which `mask is None` is False
-    left_out = [_none_args(target, len(c.args), [k.arg for k in c.keywords])
-                if not any(isinstance(a, ast.Starred) for a in c.args) and all(k.arg for k in c.keywords) else None for c in calls]
-    return left_out[0] if left_out and all(o == left_out[0] for o in left_out) and None not in left_out else None if calls else {}
+    out = [_none_args(m, len(c.args), [k.arg for k in c.keywords])
+           if not any(isinstance(a, ast.Starred) for a in c.args) and all(k.arg for k in c.keywords) else None for c in calls]
+    return out[0] if out and None not in out and all(o == out[0] for o in out) else None if out else {}
+
+def _code_calls_whole(parent:nn.Module, child:str) -> dict|None:
+    """The arguments to trace as `None` if `parent`'s code reaches its child `child` only by calling it, `self.child(...)`,
+    so never its items one by one; else `None`. Read from the source of `forward` and of what it uses, and of `__init__`
+    (which might keep the child's items elsewhere)"""
+    target = parent._modules[child]
+    names = {n for n,c in parent._modules.items() if c is target} # every attribute that holds it
+    items,calls,code = set(target._modules),[],_code_of(type(parent))
+    if code is None: return None
+    for tree,up,runs in code:
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.Name) and node.id == 'self'): continue
+            if runs and _self_escapes(node, up, parent._modules): return None
+            attr = up.get(node)
+            if not (isinstance(attr, ast.Attribute) and attr.attr in names and not isinstance(attr.ctx, (ast.Store, ast.Del))): continue
+            if not _keeps_whole(attr, up, items, runs): return None
+            call = up[attr] if isinstance(up.get(attr), ast.Call) else up.get(up.get(attr)) # `self.child(...)`, `self.child.forward(...)`
+            if runs and isinstance(call, ast.Call) and call.func in (attr, up.get(attr)): calls.append(call)
+    return _left_out(target, calls)
+
+# %% ../nbs/01a_pairs.ipynb #5c1a7e20
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+def _level(c:nn.Module, depth:int) -> list[nn.Module]|None:
+    "The modules `depth` levels of items below the container `c` (`[c]` at 0), or `None` where a level above them is not all containers"
+    ms = [c]
+    for _ in range(depth):
+        if not all(isinstance(m, _CONTAINERS) for m in ms): return None
+        ms = [i for m in ms for i in m.children()]
+    return ms
+
+def _members(ms:list) -> set[str]:
+    "Names that are a submodule, parameter or buffer of any of the modules `ms`"
+    return {n for m in ms for d in (m._modules, m._parameters, m._buffers) for n in d}
+
+def _loop_item(node:ast.AST, up:dict) -> ast.Name|None:
+    "Where the container `node` is looped over (`for t in node`, through `enumerate`, `zip`, `reversed`, `.values()`, `.items()`, in a comprehension too): the name each item is bound to"
+    it,pos = node,[] # the place of an item in each element, from the innermost wrapper out
+    while True:
+        use = up.get(it)
+        if isinstance(use, ast.Attribute) and use.attr in ('values', 'items'):
+            call = up.get(use)
+            if not (isinstance(call, ast.Call) and call.func is use and not call.args): return None
+            it,pos = call,pos + ([] if use.attr == 'values' else [1])
+        elif (isinstance(use, ast.Call) and isinstance(use.func, ast.Name) and use.func.id in ('enumerate', 'reversed', 'zip')
+              and any(a is it for a in use.args) and not use.keywords and not any(isinstance(a, ast.Starred) for a in use.args)):
+            if use.func.id != 'zip' and use.args[0] is not it: return None
+            pos += {'enumerate': [1], 'reversed': [], 'zip': [[a is it for a in use.args].index(True)]}[use.func.id]
+            it = use
+        else: break
+    loop = up.get(it)
+    if not (isinstance(loop, (ast.For, ast.comprehension)) and loop.iter is it): return None
+    t = loop.target
+    for p in reversed(pos):
+        if not (isinstance(t, ast.Tuple) and len(t.elts) > p): return None
+        t = t.elts[p]
+    return t if isinstance(t, ast.Name) else None
+
+def _item_uses(tree, up:dict, starts:list, c:nn.Module, runs:bool) -> tuple[int,list]|None:
+    """Follow the container `c` from the nodes `starts` (`self.c`) through the code `tree`: `(depth, calls)` where `depth` is
+    how many levels of items down it is iterated or indexed, and `calls` the calls of what is reached `(depth, call)`, or
+    `None` if the code uses an item other than by calling it or reading a setting of it"""
+    todo,seen,deepest,calls = [(n, 0) for n in starts],set(),0,[]
+    def bind(name, d): todo.extend((n, d) for n in ast.walk(tree) if isinstance(n, ast.Name) and n.id == name and isinstance(n.ctx, ast.Load))
+    while todo:
+        node,d = todo.pop()
+        if (id(node), d) in seen: continue
+        seen.add((id(node), d))
+        ms,use = _level(c, d),up.get(node)
+        if ms is None: return None
+        container = all(isinstance(m, _CONTAINERS) for m in ms)
+        if isinstance(use, ast.Call) and use.func is node: calls.append((d, use)); continue # `item(x)`
+        if isinstance(use, ast.Compare): continue # `m is None`, `m == self.model[-1]`
+        if isinstance(use, ast.Call) and isinstance(use.func, ast.Name) and use.func.id in ('isinstance', 'type', 'len', 'id'): continue
+        if (t := _loop_item(node, up)) is not None and container: deepest = max(deepest, d+1); bind(t.id, d+1); continue
+        if isinstance(use, ast.Subscript) and use.value is node and isinstance(use.ctx, ast.Load) and container: # `self.c[0]`, `self.c[1:]`
+            if isinstance(use.slice, ast.Slice): todo.append((use, d))
+            else: deepest = max(deepest, d+1); todo.append((use, d+1))
+            continue
+        if isinstance(use, ast.Assign) and use.value is node and len(use.targets) == 1 and isinstance(use.targets[0], ast.Name):
+            bind(use.targets[0].id, d); continue # `m = self.c[-1]`
+        if isinstance(use, ast.Attribute) and use.value is node:
+            called = isinstance(up.get(use), ast.Call) and up[use].func is use
+            if use.attr == 'forward' and called: calls.append((d, up[use])); continue # `item.forward(x)`
+            if container and any(use.attr in m._modules for m in ms): deepest = max(deepest, d+1); todo.append((use, d+1)); continue # `self.block.conv`
+            if use.attr in _REACH_ALL or use.attr.startswith('_') or use.attr in _members(ms): return None # its insides, or a way to them
+            if runs and (called or not isinstance(use.ctx, ast.Load)): return None # another method of it, or a setting changed, while the model runs
+            continue # a setting read (`m.f`, `m.type`); while built, also set or a method called (`m.bias_init()`)
+        if not runs and isinstance(use, ast.Call) and isinstance(up.get(use), ast.Expr): continue # `init(m)` while built, its result dropped
+        return None # passed on, kept, or returned: anything may then be done with it
+    return deepest, calls
+
+def _code_calls_items(parent:nn.Module, child:str) -> tuple[int,list]|None:
+    """Where `parent`'s code reaches the container `child` item by item: `(depth, calls)` if it does so only by iterating
+    or indexing it (`depth` levels down) and calling or reading settings of what that gives; else `None`. The code read is
+    that of `_code_calls_whole`; in `__init__`, which runs once before any `forward`, an item may also be set up (attributes
+    set, methods called), but not kept"""
+    target = parent._modules[child]
+    if not isinstance(target, _CONTAINERS): return None
+    names,found,calls,code = {n for n,c in parent._modules.items() if c is target},0,[],_code_of(type(parent))
+    if code is None: return None
+    for tree,up,runs in code:
+        if runs and any(_self_escapes(n, up, parent._modules) for n in ast.walk(tree) if isinstance(n, ast.Name) and n.id == 'self'): return None
+        starts = [a for a in ast.walk(tree) if isinstance(a, ast.Attribute) and a.attr in names and isinstance(a.value, ast.Name)
+                  and a.value.id == 'self' and not isinstance(a.ctx, (ast.Store, ast.Del))]
+        if (r := _item_uses(tree, up, starts, target, runs)) is None: return None
+        found = max(found, r[0]); calls += [(d, c) for d,c in r[1] if runs]
+    if not found: return None
+    whole = [c for d,c in calls if d < found] # a container above the items called whole: `Sequential` calls each item with one input
+    return found, [c for d,c in calls if d == found] + [ast.Call(ast.Name('x'), [ast.Name('x')], []) for _ in whole[:1]]
 
 # %% ../nbs/01a_pairs.ipynb #0e87a553
 def traced_graphs(model:nn.Module, # the model to trace
@@ -127,22 +234,27 @@ def traced_graphs(model:nn.Module, # the model to trace
                  ) -> tuple[list[TracedGraph], list[tuple[str,str]]]:
     "fx graphs covering as much of `model` as traces, and the untraceable `(name, error)`"
     graphs,untraceable = [],{}
-    def visit(m, prefix, shown, fixed):
+    def visit(m, prefix, shown, fixed, kept=()):
         if prefix and (is_bn(m) or not any(m.children())): return # holds no pair
         opaque = {}
         while True:
-            tracer = _LeafBNTracer(opaque)
+            tracer = _LeafBNTracer({*opaque, *kept}) # `kept`: items traced alone, leaves here
+
             try: graph = tracer.trace(m, concrete_args=fixed or None); break
             except Exception as e:
                 # fx leaves the modules it was inside when `forward` failed on its stack: make the innermost one
                 # a leaf and trace again, so only that module is opaque; it is then traced on its own
-                inner = [n for n,_ in tracer.module_stack.values() if n and n not in opaque]
+                inner = [n for n,_ in tracer.module_stack.values() if n and n not in opaque and n not in kept]
                 if not inner:
                     untraceable.setdefault(prefix, one_line(e))
-                    # each child is traced alone; its `forward` is shown to run only if this module's code just calls it
+                    if kept: return # its items are traced alone
+                    # each child is traced alone; its `forward` is shown to run only if this module's code just calls it,
+                    # and a container's items are, if the code reaches them only by calling them
                     for n,c in m.named_children():
                         fixed = _code_calls_whole(m, n) if shown else None
-                        visit(c, _name(prefix, n), fixed is not None, fixed or {})
+                        items = _code_calls_items(m, n) if shown and fixed is None else None
+                        if items: visit_items(c, _name(prefix, n), *items)
+                        else: visit(c, _name(prefix, n), fixed is not None, fixed or {})
                     return
                 opaque[inner[-1]] = one_line(e)
         graphs.append(TracedGraph(prefix, graph, m, shown))
@@ -150,6 +262,12 @@ def traced_graphs(model:nn.Module, # the model to trace
             untraceable.setdefault(_name(prefix, n), err)
             sub = m.get_submodule(n)
             visit(sub, _name(prefix, n), shown, _call_site_none_args(graph, n, sub)) # the graph calls it: its `forward` runs
+    def visit_items(c, prefix, depth, calls):
+        "The container `c`, whose own `forward` is not shown, and its items `depth` levels down, which `calls` call whole"
+        for n,item in c.named_children():
+            if depth > 1: visit_items(item, _name(prefix, n), depth-1, calls)
+            else: fixed = _left_out(item, calls); visit(item, _name(prefix, n), fixed is not None, fixed or {})
+        visit(c, prefix, False, {}, set(c._modules)) # its chain, with the items as leaves: a pair across items never folds
     visit(model, '', True, {} if n_inputs is None else _none_args(model, n_inputs))
     return graphs, list(untraceable.items())
 

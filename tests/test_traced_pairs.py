@@ -92,12 +92,13 @@ class Items(nn.Module):
         for item in self.items: x = item(x) + (x if x.shape[-1] > 1 else 0)
         return x
 
-def test_items_called_one_by_one_fold_inside_each_given_a_sample():
+def test_items_called_one_by_one_fold_inside_each():
+    # without a sample the parent's code shows each item is called whole (`for item in self.items: item(x)`)
     r = fold(Items(), inputs=inputs(2, 4, 5, 5))
-    assert r.folded == [] and len(r.left) == 3
+    assert [(p.layer, p.bn) for p in r.folded] == [(f'items.{i}.0', f'items.{i}.1') for i in range(3)] and r.left == []
     r = fold(Items(), sample=torch.randn(2, 4, 5, 5), inputs=inputs(2, 4, 5, 5))
     assert [(p.layer, p.bn) for p in r.folded] == [(f'items.{i}.0', f'items.{i}.1') for i in range(3)]
-    assert all(p.traced_at == '2x4x5x5' for p in r.folded)
+    assert all(p.traced_at == '' for p in r.folded) # fx already showed them
 
 class Sometimes(Add):
     "Chooses by value: one run shows one of two paths"
@@ -231,14 +232,16 @@ def test_monai_hovernet_fast():
     folded = folder.fold(m)
     r = folder.report
     with torch.no_grad(): assert rel_diff(y, folded(x)) < 1e-5, r
-    assert [p.bn for p in r.folded] == ['conv0.bn'] and r.n_bn == len(bn_layers(m)) == 130, r # the model's code just calls `conv0`
-    # `_ResidualBlock.forward` loops over `layers` and adds the shortcut after each: its own `forward` shows nothing
-    assert reasons(r)['res_blocks.d0.layers.denselayer_1.layers.preact/bn'].endswith(
-        "`res_blocks.d0` cannot be traced, and its code reaches `res_blocks.d0.layers` other than by calling it; fold with a sample to settle it")
+    assert len(r.folded) == 69 and r.n_bn == len(bn_layers(m)) == 130, r
+    # `_ResidualBlock.forward` loops over `layers`, calls each item (`layer.forward(x)`) and adds the shortcut after it:
+    # the pairs inside each item fold, none across items
+    assert len([p for p in r.folded if '.layers.denselayer_' in p.bn]) == 32, r
+    assert all(p.layer.rpartition('.')[0] == p.bn.rpartition('.')[0] for p in r.folded), r # layer and BN in one item
+    assert reasons(r)['res_blocks.d0.layers.denselayer_1.layers.preact/bn'] == 'its input comes from the input of `res_blocks.d0.layers.denselayer_1`, not a foldable layer'
     folder.fold(m, sample=x) # its check compares the outputs on `x`
     r = folder.report
     assert len(r.folded) == 72 and r.max_abs_diff < 1e-5*max(t.abs().max().item() for t in y.values()), r
-    assert reasons(r)['res_blocks.d0.layers.denselayer_1.layers.preact/bn'] == 'its input comes from `add` (in `res_blocks.d0`), not a foldable layer'
+    assert reasons(r)['res_blocks.d0.layers.denselayer_1.layers.preact/bn'] == 'its input comes from the input of `res_blocks.d0.layers.denselayer_1`, not a foldable layer'
 
 def _hf_model(name):
     transformers = pytest.importorskip('transformers')
@@ -262,3 +265,102 @@ def test_tsai_xcm_folds_every_bn_given_a_sample():
     r = fold(m, sample=x, inputs=[(x,), (torch.randn(4, 3, 16),)])
     assert r.left == [] and len(r.folded) == len(bn_layers(m)) == 3, r
     assert [p.layer for p in r.folded] == ['conv2dblock.1.conv2d_same', 'conv1dblock.0.conv1d_same', 'conv1d.0.conv1d_same']
+
+# ---- the items of a container, reached one by one from an untraceable parent, without a sample
+class ConvBN(nn.Module):
+    def __init__(self, c=4): super().__init__(); self.conv,self.bn = nn.Conv2d(c, c, 3, padding=1),nn.BatchNorm2d(c)
+    def forward(self, x): return self.bn(self.conv(x))
+    def setup(self): self.ready = True
+
+class LoopsItems(nn.Module):
+    "Calls each item of a ModuleList in a loop, with a residual add between: item 0 ends in a conv, item 1 starts with a BN"
+    def __init__(self, c=4):
+        super().__init__()
+        self.items = nn.ModuleList([nn.Sequential(nn.Conv2d(c, c, 1), nn.BatchNorm2d(c), nn.Conv2d(c, c, 1)),
+                                    nn.Sequential(nn.BatchNorm2d(c), nn.ReLU(), nn.Conv2d(c, c, 1), nn.BatchNorm2d(c))])
+        m = self.items[-1] # while built, an item may be set up: an attribute set, a method called
+        m.stride = 1
+    def forward(self, x):
+        if x.shape[-1] < 2: return x
+        for i,item in enumerate(self.items): x = item(x) + x
+        return x
+
+class IndexesItem(nn.Module):
+    def __init__(self, c=4): super().__init__(); self.items = nn.ModuleList([ConvBN(c), ConvBN(c)]); self.items[0].setup()
+    def forward(self, x):
+        if x.shape[-1] > 1: x = self.items[0](x) + x
+        return self.items[1].forward(x) * (2 if self.items[1].training else 1)
+
+class CallsPartOfItem(nn.Module):
+    "Calls a submodule of an item, and something else before the item's BN"
+    def __init__(self, c=4): super().__init__(); self.items = nn.ModuleList([ConvBN(c)])
+    def forward(self, x):
+        y = self.items[0].conv(x)
+        if y.shape[1] == x.shape[1]: y = y + x
+        return self.items[0].bn(y)
+
+def run_item(item, x): return item.bn(item.conv(x) + x)
+
+class PassesItem(nn.Module):
+    "Passes each item to a function, which calls the item's parts with an add between"
+    def __init__(self, c=4): super().__init__(); self.items = nn.ModuleList([ConvBN(c), ConvBN(c)])
+    def forward(self, x):
+        for item in self.items: x = run_item(item, x) if x.shape[-1] > 1 else item(x)
+        return x
+
+class Nested(nn.Module):
+    "Loops over stages and over each stage's blocks, with an add after each block"
+    def __init__(self, c=4): super().__init__(); self.stages = nn.ModuleList([nn.ModuleList([ConvBN(c), ConvBN(c)]) for _ in range(2)])
+    def forward(self, x):
+        for stage in self.stages:
+            for block in stage: x = block(x) + (x if x.shape[-1] > 1 else 0)
+        return x
+
+ITEM_PAIRS = {LoopsItems: [('items.0.0', 'items.0.1'), ('items.1.2', 'items.1.3')], # never `items.0.2 -> items.1.0`, across the add
+              IndexesItem: [('items.0.conv', 'items.0.bn'), ('items.1.conv', 'items.1.bn')],
+              Nested: [(f'stages.{i}.{j}.conv', f'stages.{i}.{j}.bn') for i in range(2) for j in range(2)],
+              CallsPartOfItem: [], PassesItem: []}
+
+@pytest.mark.parametrize('block', list(ITEM_PAIRS))
+def test_items_an_untraceable_parent_only_calls_fold_inside_each_without_a_sample(block):
+    r = fold(block(), inputs=inputs(2, 4, 6, 6))
+    assert sorted((p.layer, p.bn) for p in r.folded) == sorted(ITEM_PAIRS[block]), r
+    if block is LoopsItems: assert reasons(r) == {'items.1.0': 'its input comes from the input of `items.1`, not a foldable layer'}
+    if not ITEM_PAIRS[block]: assert all('fold with a sample to settle it' in why for why in reasons(r).values()), r
+
+@pytest.mark.parametrize('block', [CallsPartOfItem, PassesItem])
+def test_pairing_inside_items_reached_other_than_by_a_call_would_be_wrong(block, monkeypatch):
+    monkeypatch.setattr(fastfold.pairs, '_not_shown', lambda v, g, untraceable: v)
+    m = randomize_bn(block()).eval()
+    folder = BN_Folder()
+    folded = folder.fold(m)
+    assert folder.report.folded
+    x = torch.randn(2, 4, 6, 6)
+    with torch.no_grad(): assert rel_diff(m(x), folded(x)) > 1e-2
+
+class GetsByName(Add):
+    "Reaches its container by `getattr(self, 'seq')`, then loops over its items with an add between"
+    def forward(self, x):
+        seq = getattr(self, 'seq') if hasattr(self, 'seq') else None
+        for layer in seq: x = layer(x) + (x if x.shape[-1] > 1 else 0)
+        return x
+
+def test_a_child_reached_by_getattr_is_not_shown():
+    r = fold(GetsByName(), inputs=inputs(2, 4, 6, 6))
+    assert r.folded == [] and all('fold with a sample to settle it' in why for why in reasons(r).values()), r
+
+class AddsUnlessMasked(nn.Module):
+    def __init__(self, c=4): super().__init__(); self.conv,self.bn = nn.Conv2d(c, c, 1),nn.BatchNorm2d(c)
+    def forward(self, x, mask=None):
+        y = self.conv(x)
+        if mask is None: y = y + x
+        return self.bn(y)
+
+class PassesKwargs(nn.Module):
+    "Calls its child with `**kwargs`: whether `mask` is `None` there is not in the code (fx would trace it as given)"
+    def __init__(self): super().__init__(); self.child = AddsUnlessMasked()
+    def forward(self, x, **kwargs): return x if x.shape[-1] < 2 else self.child(x, **kwargs)
+
+def test_a_child_called_with_kwargs_is_not_shown():
+    r = fold(PassesKwargs(), inputs=inputs(2, 4, 6, 6))
+    assert r.folded == [] and all('fold with a sample to settle it' in why for why in reasons(r).values()), r
