@@ -22,10 +22,9 @@ from .bench_variants import *
 from .bench_models import _to
 from .bench_timing import _is_cuda
 from .bench_variants import _measure
-frozen_bn = to_frozen_batchnorm2d # its former name, which the recorded page nbs/tutorials/detection.ipynb still imports
 
 # %% auto #0
-__all__ = ['frozen_bn', 'DEFAULT_MODELS', 'DEFAULT_BS', 'DEFAULT_SIZES', 'CSV_COLUMNS', 'parse_request', 'bench', 'format_table',
+__all__ = ['DEFAULT_MODELS', 'DEFAULT_BS', 'DEFAULT_SIZES', 'CSV_COLUMNS', 'parse_request', 'bench', 'format_table',
            'format_targets', 'write_csv', 'plot_relative', 'machine_info', 'report', 'fastfold_bench']
 
 # %% ../nbs/06_bench.ipynb #a5cc4d35

@@ -107,7 +107,7 @@ def fold_bn_before_conv(w:Tensor, # weight of the conv the BN feeds, `(out, in/g
 
 # %% ../nbs/02_fold.ipynb #e10dcd9a
 @torch.no_grad()
-def _checked_stats(name:str, bn:nn.Module):
+def _valid_bn_affine(name:str, bn:nn.Module):
     "`bn_scale_shift` of `bn`, refusing statistics that would make a silently wrong model"
     vals = {k: getattr(bn, k, None) for k in ('running_mean', 'running_var', 'weight', 'bias')}
     for k,v in vals.items():
@@ -134,7 +134,7 @@ def fold_plan(model:nn.Module, pairs:list[FoldedPair]) -> dict[str,tuple[nn.Para
     "New `(weight, bias)` of every layer in `pairs`, computed from `model` without changing it; a `via` pair after its `via`"
     folds = {}
     for p in pairs:
-        scale,shift = _checked_stats(p.bn, model.get_submodule(p.bn))
+        scale,shift = _valid_bn_affine(p.bn, model.get_submodule(p.bn))
         for name,a,b in p.parts or [(p.layer, None, None)]:
             if p.where == 'after': fold = (scale, shift) if a is None else (scale[a:b], shift[a:b]) # a slice of the BN's channels
             else: fold = (scale, shift) if a is None else widen_affine(scale, shift, a, model.get_submodule(name).in_features) # of the layer's columns
@@ -329,16 +329,16 @@ class BN_Folder:
         if pairs: _warn_if_pretrained(model)
         if sample is not None:
             try:
-                if not self._check(expected, out, args):
+                if not self._outputs_match(expected, out, args):
                     if inplace: undo() # `model` is the original again, to copy to float64
-                    self._check_float64(model, pairs, args)
+                    self._float64_outputs_match(model, pairs, args)
                     if inplace: undo = apply_plan(out, pairs, edits); out.eval()
             except BaseException:
                 if inplace: undo(); _restore_modes(modes)
                 raise
         return out
 
-    def _check(self, expected, folded, args) -> bool:
+    def _outputs_match(self, expected, folded, args) -> bool:
         "Are `folded`'s outputs on `args` within tolerance of `expected`? Raises `FoldCheckError` if not and they are float64"
         with torch.inference_mode(): got = folded(*args)
         diff,scale = output_difference(expected, got)
@@ -351,7 +351,7 @@ class BN_Folder:
         if dtype is torch.float64: raise FoldCheckError(f'folded model differs from the original: {self._why}\n{self.report}')
         return False
 
-    def _check_float64(self, model, pairs, args):
+    def _float64_outputs_match(self, model, pairs, args):
         "Fold a float64 copy of `model` with `pairs` and compare it with that copy unfolded: `FoldCheckError` if they differ"
         rtol = min(_RTOL64, self.rtol if self.rtol is not None else _RTOL64)
         try: diff,scale,cause = float64_difference(model, pairs, args)
