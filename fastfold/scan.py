@@ -258,7 +258,10 @@ class CheckedUnpickler(pickle._Unpickler):
         try: o,top = _static(m, name),_static(m, name.split('.')[0])
         except AttributeError: self.refuse(f'{module}.{name} is not defined in {module}')
         if getattr(top, '__module__', None) != module: self.refuse(f'{module}.{name} is not defined in {module} (it is imported there)')
-        if isinstance(o, type): return self.note(o, f'{module}:{name}')
+        if isinstance(o, type):
+            if any(p.startswith('_') for p in name.split('.')) and _class_attr(o, '__call__') and not self.user(module): # `fastcore.basics._Self`
+                self.refuse(f'{module}.{name} is not on the allowlist (a private class of {module.split(".")[0]} whose objects, called, run what they hold)')
+            return self.note(o, f'{module}:{name}')
         if isinstance(o, (*_METHODS, types.MethodType)) and self.function_ok(o): return self.note(o, f'{module}:{name}')
         self.refuse(f'{module}.{name} is not on the allowlist (a function that fastfold does not list; if it is your own code, name its module)')
 

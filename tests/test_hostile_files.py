@@ -537,3 +537,53 @@ def test_loads_after_torch_compile(tmp_path, tab):
     install_generation_tagging_init()
     assert vars(torch.nn.Module)['__setstate__'].__qualname__ == 'install_generation_tagging_init.<locals>.patched_setstate'
     assert type(load_learner_checked(tmp_path/'export.pkl').model) is type(tab.model)
+
+# ---------------------------------------------------------------------------------------------------- review of issue 25
+# A private class of a listed library whose objects run the names their state holds when called (`fastcore.basics._Self`:
+# getattr and call, step by step, from a class to `os.system`), made callable from the state of an object the file
+# builds, and called by code that looks a method up on that object: a listed `__setstate__` (`Stateful`'s
+# `self._init_state()`), a listed `__del__` (`HookCallback`'s `self._remove()`), or fastai's `load_learner` after the load
+# (`res.dls.cpu()` sets the device of each loader: `dl.to(device)`).
+def _self_chain(cmd, start=()):
+    "`fastcore.basics._Self` steps that run `cmd` from a class (`start` first): `cls.__init__.__globals__['os'].system(cmd)`"
+    import fastcore.basics as fb
+    return fb._Self((*start, ('__init__',None,None), ('__globals__',None,None), ('__getitem__',('os',),{}) if not start else
+                     ('__getitem__',('system',),{}), *([('system',(cmd,),{})] if not start else [('__call__',(cmd,),{})])))
+
+def _gadget(kind, m):
+    import fastcore.basics as fb
+    from fastai.callback.hook import HookCallback
+    from fastai.data.core import DataLoaders
+    call = functools.partial(_self_chain(f'touch {m}'), fb.Stateful)
+    if kind.endswith('stateful-setstate'): o = object.__new__(fb.Stateful); o.__dict__['_init_state'] = call; return o
+    if kind.endswith('hook-del'): o = object.__new__(HookCallback); o.__dict__['_remove'] = call; return [o]
+    # `DataLoaders.cpu` sets `device`, whose setter calls `dl.to(device)`: a chain from the device's class to `os.system`
+    sub = ('__class__',None,None), ('__base__',None,None), ('__subclasses__',(),{}), ('__getitem__',(object.__subclasses__().index(os._wrap_close),),{})
+    top,dls,dl = object.__new__(fb.NotStr),object.__new__(DataLoaders),object.__new__(fb.NotStr)
+    dl.__dict__['to'] = _self_chain(f'touch {m}', sub)
+    dls.__dict__['loaders'] = [dl]; top.__dict__['dls'] = dls
+    return top
+
+GADGETS = {'self-stateful-setstate': 'fastcore.basics._Self is not on the allowlist (a private class of fastcore whose objects, called, run what they hold)',
+           'self-hook-del': 'fastcore.basics._Self is not on the allowlist (a private class of fastcore whose objects, called, run what they hold)',
+           'self-dls-to': 'fastcore.basics._Self is not on the allowlist (a private class of fastcore whose objects, called, run what they hold)'}
+
+@pytest.mark.parametrize('kind', list(GADGETS))
+def test_gadget_called_through_a_method_lookup(kind, tmp_path):
+    "Live under `torch.load`; refused by the checking loader, with no marker, when loaded as `fastfold` loads learners"
+    import gc
+    f,m = tmp_path/'export.pkl',tmp_path/'pwned'
+    torch.save(_gadget(kind, m), f, pickle_module=cloudpickle); gc.collect()
+    load = lambda f: load_learner(f, pickle_module=pickle) if kind.endswith('dls-to') else torch.load(f, weights_only=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        try: load(f)
+        except Exception: pass # the payload ran first
+    gc.collect()
+    assert m.exists(), 'the payload is not live'
+    m.unlink()
+    checked = load_learner_checked if kind.endswith('dls-to') else load_checked
+    with pytest.raises(UnsafeFileError) as e: checked(f)
+    gc.collect()
+    assert not m.exists()
+    assert e.value.why == GADGETS[kind], e.value.why
