@@ -181,6 +181,7 @@ def _tables() -> dict:
                 news=_resolve(NEWS), dels=_resolve(DELS), functions=set(_resolve(FUNCTIONS)) | builders, special=special)
 
 _REBUILDS_FROM_TYPE = ('torch._tensor:_rebuild_from_type_v2', 'fastai.torch_core:_rebuild_from_type')
+_REBUILDS_WITH_STATE = (*_REBUILDS_FROM_TYPE, 'torch._utils:_rebuild_parameter_with_state') # their last argument: the state
 _PROTOCOL = {'__setstate__', '__getstate__', '__reduce__', '__reduce_ex__', '__copy__', '__deepcopy__', '__getnewargs__',
              '__getnewargs_ex__'} # what `copy` and `pickle` look up on an object, not its class
 _FINDS = ('numpy:dtype', 're:_compile', 'torch.serialization:_get_layout') # calls that may give an existing object
@@ -305,6 +306,9 @@ class CheckedUnpickler(pickle._Unpickler):
             return self.note(fn(*args), f'{self.name(fn)} member', built=None)
         name = self.check_call(fn, args)
         if name in _REBUILDS_FROM_TYPE: self.rebuild_from_type(*args)
+        if name in _REBUILDS_WITH_STATE and len(args) == 4: # torch sets a tensor's state with `setattr`, as `BUILD` does
+            for d in (args[3] if type(args[3]) is tuple else (args[3],)):
+                if type(d) is dict: self.check_keys(torch.nn.Parameter if name.endswith('parameter_with_state') else args[1], d)
         return self.note(fn(*args), name, built=None if name in _FINDS else True)
 
     def check_call(self, fn, args) -> str:
@@ -372,7 +376,7 @@ class CheckedUnpickler(pickle._Unpickler):
         if type(state) is not tuple or len(state) != 2 or type(state[0]) is not dict or type(state[1]) is not dict:
             self.refuse("cloudpickle's _function_setstate with a state that is not two dicts")
         attrs,slots = state
-        self.check_keys(f, attrs)
+        self.check_keys(type(f), attrs)
         cells = slots.get('__closure__')
         if cells is not None:
             if type(cells) is not tuple or len(cells) != len(f.__closure__) or not all(type(x) is types.CellType for x in cells):
@@ -423,10 +427,10 @@ class CheckedUnpickler(pickle._Unpickler):
             self.refuse('functools.reduce of something other than operator.or_ on types')
         return self.note(functools.reduce(f, items), 'a union of types', built=True)
 
-    def check_keys(self, o, d:dict):
-        "A state may not give `o` a callable under a name that `copy` and `pickle` look up on the object (`__deepcopy__`, ...)"
+    def check_keys(self, cls, d:dict):
+        "A state may not give an object of `cls` a callable under a name that `copy` and `pickle` look up on the object (`__deepcopy__`, ...)"
         for k,v in d.items():
-            if k in _PROTOCOL and callable(v): self.refuse(f'a {self.name(type(o))} whose state sets {k!r} to {self.name(v)} (copying it would call that)')
+            if k in _PROTOCOL and callable(v): self.refuse(f'a {self.name(cls)} whose state sets {k!r} to {self.name(v)} (copying it would call that)')
 
     def load_build(self):
         "`BUILD`: the class's `__setstate__` if the list has it, else a plain `__dict__` update; nothing looked up on the object"
@@ -441,7 +445,7 @@ class CheckedUnpickler(pickle._Unpickler):
                 self.refuse(f'{self.name(cls)}.__setstate__, which is not on the allowlist')
             if not _state(state): self.refuse(f'{self.name(cls)}.__setstate__ of a {type(state).__qualname__}, which is not plain data')
             for d in (state if type(state) is tuple else (state,)):
-                if type(d) is dict: self.check_keys(o, d)
+                if type(d) is dict: self.check_keys(cls, d)
             return st.__get__(o, cls)(state)
         if id(o) not in self.built: self.refuse(f'BUILD on {self.name(o)}, which the file did not build (it would change it)')
         slots = None
@@ -449,7 +453,7 @@ class CheckedUnpickler(pickle._Unpickler):
         for d in (state, slots):
             if d is not None and (type(d) is not dict or not all(type(k) is str for k in d)):
                 self.refuse(f'BUILD of a {self.name(cls)} with a state that is not a dict of names')
-            if d: self.check_keys(o, d)
+            if d: self.check_keys(cls, d)
         if state: vars(o).update(state)
         for k,v in (slots or {}).items(): setattr(o, k, v)
 

@@ -587,3 +587,24 @@ def test_gadget_called_through_a_method_lookup(kind, tmp_path):
     gc.collect()
     assert not m.exists()
     assert e.value.why == GADGETS[kind], e.value.why
+
+def _poisoned_tensors(m):
+    "A fastai tensor and a parameter whose state (set by torch with `setattr`) gives them a `__deepcopy__` that creates `m`"
+    from fastai.torch_core import TensorBase
+    t,p = TensorBase(torch.zeros(2)),torch.nn.Parameter(torch.zeros(2))
+    for x in (t, p): x.__dict__['__deepcopy__'] = functools.partial(np.memmap, str(m), mode='w+', shape=(1,))
+    return t,p
+
+@pytest.mark.parametrize('which,cls', [(0, 'fastai.torch_core.TensorBase'), (1, 'torch.nn.parameter.Parameter')])
+def test_tensor_state_may_not_set_copy_hooks(which, cls, tmp_path):
+    "`_rebuild_from_type_v2` and `_rebuild_parameter_with_state` set a tensor's state: the rule on copy hooks holds there too (fastfold deep-copies models)"
+    import copy
+    f,m = tmp_path/'export.pkl',tmp_path/'pwned'
+    torch.save({'w': _poisoned_tensors(m)[which]}, f)
+    try: copy.deepcopy(torch.load(f, weights_only=False)) # control: torch's own load, then a copy, as folding makes
+    except Exception: pass # the payload ran first
+    assert m.exists(), 'the payload is not live'
+    m.unlink()
+    with pytest.raises(UnsafeFileError) as e: copy.deepcopy(load_checked(f))
+    assert e.value.why == f"a {cls} whose state sets '__deepcopy__' to functools.partial (copying it would call that)", e.value.why
+    assert not m.exists()
