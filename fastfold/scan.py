@@ -181,6 +181,8 @@ def _tables() -> dict:
                 news=_resolve(NEWS), dels=_resolve(DELS), functions=set(_resolve(FUNCTIONS)) | builders, special=special)
 
 _REBUILDS_FROM_TYPE = ('torch._tensor:_rebuild_from_type_v2', 'fastai.torch_core:_rebuild_from_type')
+_HASHES_PAIRS = ('builtins:dict', 'collections:OrderedDict', 'collections:defaultdict') # calls that hash what the file built
+_HASHES = (*_HASHES_PAIRS, 'builtins:set', 'builtins:frozenset', 'collections:Counter')
 _REBUILDS_WITH_STATE = (*_REBUILDS_FROM_TYPE, 'torch._utils:_rebuild_parameter_with_state') # their last argument: the state
 _PROTOCOL = {'__setstate__', '__getstate__', '__reduce__', '__reduce_ex__', '__copy__', '__deepcopy__', '__getnewargs__',
              '__getnewargs_ex__'} # what `copy` and `pickle` look up on an object, not its class
@@ -305,6 +307,8 @@ class CheckedUnpickler(pickle._Unpickler):
             if len(args) != 1 or type(args[0]) not in _SCALARS: self.refuse(f'{self.name(fn)} with arguments that are not a value')
             return self.note(fn(*args), f'{self.name(fn)} member', built=None)
         name = self.check_call(fn, args)
+        if name in _HASHES and args: # the keys of pairs, or the items, that the call hashes
+            self.keys([p[0] for p in args[-1]] if name in _HASHES_PAIRS and type(args[-1]) in (list, tuple) else args[0] if type(args[0]) in (list, tuple) else ())
         if name in _REBUILDS_FROM_TYPE: self.rebuild_from_type(*args)
         if name in _REBUILDS_WITH_STATE and len(args) == 4: # torch sets a tensor's state with `setattr`, as `BUILD` does
             for d in (args[3] if type(args[3]) is tuple else (args[3],)):
@@ -469,22 +473,33 @@ class CheckedUnpickler(pickle._Unpickler):
     def load_appends(self):
         items = self.pop_mark()
         o = self.container(list); type(o).extend(o, items)
+    def keys(self, ks):
+        "Keys of a dict or set, checked before they are hashed: an object the file built is hashed and compared by builtin code only"
+        for k in ks:
+            if type(k) in (tuple, frozenset): self.keys(k) # hashed item by item
+            elif id(k) in self.built and any(isinstance(_class_attr(type(k), n), types.FunctionType) for n in ('__hash__', '__eq__')):
+                self.refuse(f'a {self.name(type(k))} as a key of a dict or set (its class hashes or compares it with Python code, which reads its state)')
+        return ks
+
     def load_setitem(self):
         v,k = self.stack.pop(),self.stack.pop()
-        o = self.container(dict); type(o).__setitem__(o, k, v)
+        o = self.container(dict); self.keys([k]); type(o).__setitem__(o, k, v)
     def load_setitems(self):
         items = self.pop_mark()
         o = self.container(dict)
+        self.keys(items[::2])
         for i in range(0, len(items), 2): type(o).__setitem__(o, items[i], items[i+1])
     def load_additems(self):
         items = self.pop_mark()
         o = self.container(set)
-        for x in items: type(o).add(o, x)
+        for x in self.keys(items): type(o).add(o, x)
+    def load_frozenset(self): self.append(frozenset(self.keys(self.pop_mark())))
     def load_empty_list(self): self.append(self.note([], 'a list', built=True))
     def load_list(self): self.append(self.note(self.pop_mark(), 'a list', built=True))
     def load_empty_dictionary(self): self.append(self.note({}, 'a dict', built=True))
     def load_dict(self):
         items = self.pop_mark()
+        self.keys(items[::2])
         self.append(self.note({items[i]: items[i+1] for i in range(0, len(items), 2)}, 'a dict', built=True))
     def load_empty_set(self): self.append(self.note(set(), 'a set', built=True))
     def load_inst(self): self.refuse('the INST opcode (classes of Python 2; torch.save never writes it)')
@@ -498,6 +513,7 @@ class CheckedUnpickler(pickle._Unpickler):
                    (pickle.APPENDS, load_appends), (pickle.SETITEM, load_setitem), (pickle.SETITEMS, load_setitems),
                    (pickle.ADDITEMS, load_additems), (pickle.EMPTY_LIST, load_empty_list), (pickle.LIST, load_list),
                    (pickle.EMPTY_DICT, load_empty_dictionary), (pickle.DICT, load_dict), (pickle.EMPTY_SET, load_empty_set),
+                   (pickle.FROZENSET, load_frozenset),
                    (pickle.INST, load_inst), (pickle.OBJ, load_obj), (pickle.PERSID, load_persid),
                    (pickle.EXT1, load_ext), (pickle.EXT2, load_ext), (pickle.EXT4, load_ext)]:
         dispatch[_op[0]] = _f

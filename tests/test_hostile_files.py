@@ -608,3 +608,23 @@ def test_tensor_state_may_not_set_copy_hooks(which, cls, tmp_path):
     with pytest.raises(UnsafeFileError) as e: copy.deepcopy(load_checked(f))
     assert e.value.why == f"a {cls} whose state sets '__deepcopy__' to functools.partial (copying it would call that)", e.value.why
     assert not m.exists()
+
+def _hashed_key(m):
+    "`{FT(...): 1}`: fastcore's `FT.__hash__` hashes `self.attrs.items()`, where `items` is the file's `numpy.memmap(m, ...)`"
+    import fastcore.basics as fb, fastcore.xml as fx
+    attrs = object.__new__(fb.NotStr)
+    attrs.__dict__['items'] = functools.partial(np.memmap, str(m), mode='w+', shape=(1,)) # creates the file `m`
+    k = object.__new__(fx.FT); k.__dict__.update(tag='a', attrs=attrs, children=())
+    return Raw(PROTO2 + b'}' + pickle.dumps(k, protocol=2)[2:-1] + b'K\x01s.') # the key is hashed as the dict is built
+
+def test_dict_key_hashed_by_its_class_code(tmp_path):
+    "A key whose class hashes it with Python code that reads its state: live under `torch.load`, refused before it is hashed"
+    f,m = tmp_path/'export.pkl',tmp_path/'pwned'
+    torch.save(_hashed_key(m), f, pickle_module=RAW)
+    try: torch.load(f, weights_only=False)
+    except Exception: pass # the payload ran first
+    assert m.exists(), 'the payload is not live'
+    m.unlink()
+    with pytest.raises(UnsafeFileError) as e: load_checked(f)
+    assert e.value.why == 'a fastcore.xml.FT as a key of a dict or set (its class hashes or compares it with Python code, which reads its state)', e.value.why
+    assert not m.exists()
