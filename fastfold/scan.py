@@ -181,6 +181,9 @@ def _tables() -> dict:
                 news=_resolve(NEWS), dels=_resolve(DELS), functions=set(_resolve(FUNCTIONS)) | builders, special=special)
 
 _REBUILDS_FROM_TYPE = ('torch._tensor:_rebuild_from_type_v2', 'fastai.torch_core:_rebuild_from_type')
+_HASHES_PAIRS = ('builtins:dict', 'collections:OrderedDict', 'collections:defaultdict') # calls that hash what the file built
+_HASHES = (*_HASHES_PAIRS, 'builtins:set', 'builtins:frozenset', 'collections:Counter')
+_REBUILDS_WITH_STATE = (*_REBUILDS_FROM_TYPE, 'torch._utils:_rebuild_parameter_with_state') # their last argument: the state
 _PROTOCOL = {'__setstate__', '__getstate__', '__reduce__', '__reduce_ex__', '__copy__', '__deepcopy__', '__getnewargs__',
              '__getnewargs_ex__'} # what `copy` and `pickle` look up on an object, not its class
 _FINDS = ('numpy:dtype', 're:_compile', 'torch.serialization:_get_layout') # calls that may give an existing object
@@ -258,7 +261,10 @@ class CheckedUnpickler(pickle._Unpickler):
         try: o,top = _static(m, name),_static(m, name.split('.')[0])
         except AttributeError: self.refuse(f'{module}.{name} is not defined in {module}')
         if getattr(top, '__module__', None) != module: self.refuse(f'{module}.{name} is not defined in {module} (it is imported there)')
-        if isinstance(o, type): return self.note(o, f'{module}:{name}')
+        if isinstance(o, type):
+            if any(p.startswith('_') for p in name.split('.')) and _class_attr(o, '__call__') and not self.user(module): # `fastcore.basics._Self`
+                self.refuse(f'{module}.{name} is not on the allowlist (a private class of {module.split(".")[0]} whose objects, called, run what they hold)')
+            return self.note(o, f'{module}:{name}')
         if isinstance(o, (*_METHODS, types.MethodType)) and self.function_ok(o): return self.note(o, f'{module}:{name}')
         self.refuse(f'{module}.{name} is not on the allowlist (a function that fastfold does not list; if it is your own code, name its module)')
 
@@ -301,7 +307,12 @@ class CheckedUnpickler(pickle._Unpickler):
             if len(args) != 1 or type(args[0]) not in _SCALARS: self.refuse(f'{self.name(fn)} with arguments that are not a value')
             return self.note(fn(*args), f'{self.name(fn)} member', built=None)
         name = self.check_call(fn, args)
+        if name in _HASHES and args: # the keys of pairs, or the items, that the call hashes
+            self.keys([p[0] for p in args[-1]] if name in _HASHES_PAIRS and type(args[-1]) in (list, tuple) else args[0] if type(args[0]) in (list, tuple) else ())
         if name in _REBUILDS_FROM_TYPE: self.rebuild_from_type(*args)
+        if name in _REBUILDS_WITH_STATE and len(args) == 4: # torch sets a tensor's state with `setattr`, as `BUILD` does
+            for d in (args[3] if type(args[3]) is tuple else (args[3],)):
+                if type(d) is dict: self.check_keys(torch.nn.Parameter if name.endswith('parameter_with_state') else args[1], d)
         return self.note(fn(*args), name, built=None if name in _FINDS else True)
 
     def check_call(self, fn, args) -> str:
@@ -369,7 +380,7 @@ class CheckedUnpickler(pickle._Unpickler):
         if type(state) is not tuple or len(state) != 2 or type(state[0]) is not dict or type(state[1]) is not dict:
             self.refuse("cloudpickle's _function_setstate with a state that is not two dicts")
         attrs,slots = state
-        self.check_keys(f, attrs)
+        self.check_keys(type(f), attrs)
         cells = slots.get('__closure__')
         if cells is not None:
             if type(cells) is not tuple or len(cells) != len(f.__closure__) or not all(type(x) is types.CellType for x in cells):
@@ -420,10 +431,10 @@ class CheckedUnpickler(pickle._Unpickler):
             self.refuse('functools.reduce of something other than operator.or_ on types')
         return self.note(functools.reduce(f, items), 'a union of types', built=True)
 
-    def check_keys(self, o, d:dict):
-        "A state may not give `o` a callable under a name that `copy` and `pickle` look up on the object (`__deepcopy__`, ...)"
+    def check_keys(self, cls, d:dict):
+        "A state may not give an object of `cls` a callable under a name that `copy` and `pickle` look up on the object (`__deepcopy__`, ...)"
         for k,v in d.items():
-            if k in _PROTOCOL and callable(v): self.refuse(f'a {self.name(type(o))} whose state sets {k!r} to {self.name(v)} (copying it would call that)')
+            if k in _PROTOCOL and callable(v): self.refuse(f'a {self.name(cls)} whose state sets {k!r} to {self.name(v)} (copying it would call that)')
 
     def load_build(self):
         "`BUILD`: the class's `__setstate__` if the list has it, else a plain `__dict__` update; nothing looked up on the object"
@@ -438,7 +449,7 @@ class CheckedUnpickler(pickle._Unpickler):
                 self.refuse(f'{self.name(cls)}.__setstate__, which is not on the allowlist')
             if not _state(state): self.refuse(f'{self.name(cls)}.__setstate__ of a {type(state).__qualname__}, which is not plain data')
             for d in (state if type(state) is tuple else (state,)):
-                if type(d) is dict: self.check_keys(o, d)
+                if type(d) is dict: self.check_keys(cls, d)
             return st.__get__(o, cls)(state)
         if id(o) not in self.built: self.refuse(f'BUILD on {self.name(o)}, which the file did not build (it would change it)')
         slots = None
@@ -446,7 +457,7 @@ class CheckedUnpickler(pickle._Unpickler):
         for d in (state, slots):
             if d is not None and (type(d) is not dict or not all(type(k) is str for k in d)):
                 self.refuse(f'BUILD of a {self.name(cls)} with a state that is not a dict of names')
-            if d: self.check_keys(o, d)
+            if d: self.check_keys(cls, d)
         if state: vars(o).update(state)
         for k,v in (slots or {}).items(): setattr(o, k, v)
 
@@ -462,22 +473,33 @@ class CheckedUnpickler(pickle._Unpickler):
     def load_appends(self):
         items = self.pop_mark()
         o = self.container(list); type(o).extend(o, items)
+    def keys(self, ks):
+        "Keys of a dict or set, checked before they are hashed: an object the file built is hashed and compared by builtin code only"
+        for k in ks:
+            if type(k) in (tuple, frozenset): self.keys(k) # hashed item by item
+            elif id(k) in self.built and any(isinstance(_class_attr(type(k), n), types.FunctionType) for n in ('__hash__', '__eq__')):
+                self.refuse(f'a {self.name(type(k))} as a key of a dict or set (its class hashes or compares it with Python code, which reads its state)')
+        return ks
+
     def load_setitem(self):
         v,k = self.stack.pop(),self.stack.pop()
-        o = self.container(dict); type(o).__setitem__(o, k, v)
+        o = self.container(dict); self.keys([k]); type(o).__setitem__(o, k, v)
     def load_setitems(self):
         items = self.pop_mark()
         o = self.container(dict)
+        self.keys(items[::2])
         for i in range(0, len(items), 2): type(o).__setitem__(o, items[i], items[i+1])
     def load_additems(self):
         items = self.pop_mark()
         o = self.container(set)
-        for x in items: type(o).add(o, x)
+        for x in self.keys(items): type(o).add(o, x)
+    def load_frozenset(self): self.append(frozenset(self.keys(self.pop_mark())))
     def load_empty_list(self): self.append(self.note([], 'a list', built=True))
     def load_list(self): self.append(self.note(self.pop_mark(), 'a list', built=True))
     def load_empty_dictionary(self): self.append(self.note({}, 'a dict', built=True))
     def load_dict(self):
         items = self.pop_mark()
+        self.keys(items[::2])
         self.append(self.note({items[i]: items[i+1] for i in range(0, len(items), 2)}, 'a dict', built=True))
     def load_empty_set(self): self.append(self.note(set(), 'a set', built=True))
     def load_inst(self): self.refuse('the INST opcode (classes of Python 2; torch.save never writes it)')
@@ -491,6 +513,7 @@ class CheckedUnpickler(pickle._Unpickler):
                    (pickle.APPENDS, load_appends), (pickle.SETITEM, load_setitem), (pickle.SETITEMS, load_setitems),
                    (pickle.ADDITEMS, load_additems), (pickle.EMPTY_LIST, load_empty_list), (pickle.LIST, load_list),
                    (pickle.EMPTY_DICT, load_empty_dictionary), (pickle.DICT, load_dict), (pickle.EMPTY_SET, load_empty_set),
+                   (pickle.FROZENSET, load_frozenset),
                    (pickle.INST, load_inst), (pickle.OBJ, load_obj), (pickle.PERSID, load_persid),
                    (pickle.EXT1, load_ext), (pickle.EXT2, load_ext), (pickle.EXT4, load_ext)]:
         dispatch[_op[0]] = _f

@@ -537,3 +537,94 @@ def test_loads_after_torch_compile(tmp_path, tab):
     install_generation_tagging_init()
     assert vars(torch.nn.Module)['__setstate__'].__qualname__ == 'install_generation_tagging_init.<locals>.patched_setstate'
     assert type(load_learner_checked(tmp_path/'export.pkl').model) is type(tab.model)
+
+# ---------------------------------------------------------------------------------------------------- review of issue 25
+# A private class of a listed library whose objects run the names their state holds when called (`fastcore.basics._Self`:
+# getattr and call, step by step, from a class to `os.system`), made callable from the state of an object the file
+# builds, and called by code that looks a method up on that object: a listed `__setstate__` (`Stateful`'s
+# `self._init_state()`), a listed `__del__` (`HookCallback`'s `self._remove()`), or fastai's `load_learner` after the load
+# (`res.dls.cpu()` sets the device of each loader: `dl.to(device)`).
+def _self_chain(cmd, start=()):
+    "`fastcore.basics._Self` steps that run `cmd` from a class (`start` first): `cls.__init__.__globals__['os'].system(cmd)`"
+    import fastcore.basics as fb
+    return fb._Self((*start, ('__init__',None,None), ('__globals__',None,None), ('__getitem__',('os',),{}) if not start else
+                     ('__getitem__',('system',),{}), *([('system',(cmd,),{})] if not start else [('__call__',(cmd,),{})])))
+
+def _gadget(kind, m):
+    import fastcore.basics as fb
+    from fastai.callback.hook import HookCallback
+    from fastai.data.core import DataLoaders
+    call = functools.partial(_self_chain(f'touch {m}'), fb.Stateful)
+    if kind.endswith('stateful-setstate'): o = object.__new__(fb.Stateful); o.__dict__['_init_state'] = call; return o
+    if kind.endswith('hook-del'): o = object.__new__(HookCallback); o.__dict__['_remove'] = call; return [o]
+    # `DataLoaders.cpu` sets `device`, whose setter calls `dl.to(device)`: a chain from the device's class to `os.system`
+    sub = ('__class__',None,None), ('__base__',None,None), ('__subclasses__',(),{}), ('__getitem__',(object.__subclasses__().index(os._wrap_close),),{})
+    top,dls,dl = object.__new__(fb.NotStr),object.__new__(DataLoaders),object.__new__(fb.NotStr)
+    dl.__dict__['to'] = _self_chain(f'touch {m}', sub)
+    dls.__dict__['loaders'] = [dl]; top.__dict__['dls'] = dls
+    return top
+
+GADGETS = {'self-stateful-setstate': 'fastcore.basics._Self is not on the allowlist (a private class of fastcore whose objects, called, run what they hold)',
+           'self-hook-del': 'fastcore.basics._Self is not on the allowlist (a private class of fastcore whose objects, called, run what they hold)',
+           'self-dls-to': 'fastcore.basics._Self is not on the allowlist (a private class of fastcore whose objects, called, run what they hold)'}
+
+@pytest.mark.parametrize('kind', list(GADGETS))
+def test_gadget_called_through_a_method_lookup(kind, tmp_path):
+    "Live under `torch.load`; refused by the checking loader, with no marker, when loaded as `fastfold` loads learners"
+    import gc
+    f,m = tmp_path/'export.pkl',tmp_path/'pwned'
+    torch.save(_gadget(kind, m), f, pickle_module=cloudpickle); gc.collect()
+    load = lambda f: load_learner(f, pickle_module=pickle) if kind.endswith('dls-to') else torch.load(f, weights_only=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        try: load(f)
+        except Exception: pass # the payload ran first
+    gc.collect()
+    assert m.exists(), 'the payload is not live'
+    m.unlink()
+    checked = load_learner_checked if kind.endswith('dls-to') else load_checked
+    with pytest.raises(UnsafeFileError) as e: checked(f)
+    gc.collect()
+    assert not m.exists()
+    assert e.value.why == GADGETS[kind], e.value.why
+
+def _poisoned_tensors(m):
+    "A fastai tensor and a parameter whose state (set by torch with `setattr`) gives them a `__deepcopy__` that creates `m`"
+    from fastai.torch_core import TensorBase
+    t,p = TensorBase(torch.zeros(2)),torch.nn.Parameter(torch.zeros(2))
+    for x in (t, p): x.__dict__['__deepcopy__'] = functools.partial(np.memmap, str(m), mode='w+', shape=(1,))
+    return t,p
+
+@pytest.mark.parametrize('which,cls', [(0, 'fastai.torch_core.TensorBase'), (1, 'torch.nn.parameter.Parameter')])
+def test_tensor_state_may_not_set_copy_hooks(which, cls, tmp_path):
+    "`_rebuild_from_type_v2` and `_rebuild_parameter_with_state` set a tensor's state: the rule on copy hooks holds there too (fastfold deep-copies models)"
+    import copy
+    f,m = tmp_path/'export.pkl',tmp_path/'pwned'
+    torch.save({'w': _poisoned_tensors(m)[which]}, f)
+    try: copy.deepcopy(torch.load(f, weights_only=False)) # control: torch's own load, then a copy, as folding makes
+    except Exception: pass # the payload ran first
+    assert m.exists(), 'the payload is not live'
+    m.unlink()
+    with pytest.raises(UnsafeFileError) as e: copy.deepcopy(load_checked(f))
+    assert e.value.why == f"a {cls} whose state sets '__deepcopy__' to functools.partial (copying it would call that)", e.value.why
+    assert not m.exists()
+
+def _hashed_key(m):
+    "`{FT(...): 1}`: fastcore's `FT.__hash__` hashes `self.attrs.items()`, where `items` is the file's `numpy.memmap(m, ...)`"
+    import fastcore.basics as fb, fastcore.xml as fx
+    attrs = object.__new__(fb.NotStr)
+    attrs.__dict__['items'] = functools.partial(np.memmap, str(m), mode='w+', shape=(1,)) # creates the file `m`
+    k = object.__new__(fx.FT); k.__dict__.update(tag='a', attrs=attrs, children=())
+    return Raw(PROTO2 + b'}' + pickle.dumps(k, protocol=2)[2:-1] + b'K\x01s.') # the key is hashed as the dict is built
+
+def test_dict_key_hashed_by_its_class_code(tmp_path):
+    "A key whose class hashes it with Python code that reads its state: live under `torch.load`, refused before it is hashed"
+    f,m = tmp_path/'export.pkl',tmp_path/'pwned'
+    torch.save(_hashed_key(m), f, pickle_module=RAW)
+    try: torch.load(f, weights_only=False)
+    except Exception: pass # the payload ran first
+    assert m.exists(), 'the payload is not live'
+    m.unlink()
+    with pytest.raises(UnsafeFileError) as e: load_checked(f)
+    assert e.value.why == 'a fastcore.xml.FT as a key of a dict or set (its class hashes or compares it with Python code, which reads its state)', e.value.why
+    assert not m.exists()
