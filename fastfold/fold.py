@@ -6,22 +6,23 @@ Docs: https://fastfold.github.io/fastfold/fold.html.md"""
 
 # %% ../nbs/02_fold.ipynb #6cf2ba6d
 from __future__ import annotations
-import copy, warnings
+import copy, math, warnings
 from dataclasses import dataclass, field
 from typing import Callable
-import torch
+import torch, torch.nn.functional as F
 from torch import nn, Tensor
-from torch.nn.modules.conv import _ConvTransposeNd
+from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 from torch.overrides import TorchFunctionMode
 from .core import one_line
 from .layers import *
 from .pairs import *
-from .pairs import _name
+from .pairs import _name, _geometry
 
 # %% auto #0
 __all__ = ['bn_scale_shift', 'scale_out_channels', 'fold_bn_after', 'fold_bn_before', 'widen_affine', 'fold_bn_before_conv',
-           'folded_layer_params', 'fold_plan', 'apply_plan', 'FoldCheckError', 'FoldReport', 'n_params',
-           'output_difference', 'float64_difference', 'BN_Folder']
+           'pad_kernel', 'identity_kernel', 'merge_kernels', 'folded_layer_params', 'fold_plan', 'empty_branch',
+           'merged_branch_params', 'apply_plan', 'FoldCheckError', 'FoldReport', 'n_params', 'output_difference',
+           'float64_difference', 'BN_Folder']
 
 # %% ../nbs/02_fold.ipynb #effa30cd
 def bn_scale_shift(mean:Tensor, # BN running mean
@@ -105,6 +106,36 @@ def fold_bn_before_conv(w:Tensor, # weight of the conv the BN feeds, `(out, in/g
     res = wg.mul_(sg).view(w.shape)
     return res if out is None else out.copy_(res), wt if b is None else b + wt
 
+# %% ../nbs/02_fold.ipynb #9c27f291
+def pad_kernel(w:Tensor, # conv weight `(out, in/groups, *k)`
+               size:tuple, # the larger kernel size, `size[i] - k[i]` even
+              ) -> Tensor:
+    "`w` zero-padded equally on both sides of each spatial dim to `size`: the same taps, centred in the larger kernel"
+    k = tuple(w.shape[2:])
+    if len(k) != len(size) or any(K < x or (K-x) % 2 for x,K in zip(k, size)): raise ValueError(f'a {k} kernel cannot be centred in {tuple(size)}')
+    return F.pad(w, [p for x,K in zip(reversed(k), reversed(size)) for p in ((K-x)//2,)*2])
+
+# %% ../nbs/02_fold.ipynb #598f9e32
+def identity_kernel(scale:Tensor, # one factor per channel (`ones` for the identity)
+                    groups:int, # the conv's groups; the channels must divide into them
+                    size:tuple, # the kernel size, odd in every dim
+                   ) -> Tensor:
+    "The `(C, C/groups, *size)` kernel of `x*scale` per channel: one tap at the centre, in the dtype of `scale`"
+    c = scale.numel()
+    if c % groups or any(k % 2 == 0 for k in size): raise ValueError(f'no centred one-tap kernel of {c} channels in {groups} groups and size {tuple(size)}')
+    w = scale.new_zeros(c, c//groups, *size)
+    ch = torch.arange(c)
+    w[(ch, ch % (c//groups), *[torch.full_like(ch, k//2) for k in size])] = scale
+    return w
+
+# %% ../nbs/02_fold.ipynb #f3366bff
+def merge_kernels(kernels:list[tuple[Tensor,Tensor|None]], # `(weight, bias)` of each branch, all centred alike
+                  size:tuple, # the merged kernel size
+                 ) -> tuple[Tensor,Tensor]:
+    "`(weight, bias)` of one conv computing the sum of the branches: the sum of the zero-padded kernels and of the biases"
+    w = sum(pad_kernel(k, size) for k,_ in kernels)
+    return w, sum((b for _,b in kernels if b is not None), torch.zeros_like(w[:,0].flatten(1)[:,0]))
+
 # %% ../nbs/02_fold.ipynb #e10dcd9a
 @torch.no_grad()
 def _valid_bn_affine(name:str, bn:nn.Module):
@@ -130,16 +161,65 @@ def folded_layer_params(layer:nn.Module, # a Conv, ConvTranspose or Linear
     rg = layer.weight.requires_grad
     return nn.Parameter(w, requires_grad=rg), nn.Parameter(b.to((layer.bias if layer.bias is not None else layer.weight).dtype), requires_grad=rg)
 
-def fold_plan(model:nn.Module, pairs:list[FoldedPair]) -> dict[str,tuple[nn.Parameter,nn.Parameter]]:
-    "New `(weight, bias)` of every layer in `pairs`, computed from `model` without changing it; a `via` pair after its `via`"
+def fold_plan(model:nn.Module, pairs:list[FoldedPair], merges:list[MergedBranches]|None=None) -> dict[str,tuple[nn.Parameter,nn.Parameter]|nn.Module]:
+    """New `(weight, bias)` of every layer in `pairs` and `merges` (default: the merges `pairs` names), and the module
+    replacing each conv emptied by a merge; computed from `model` without changing it; a `via` pair after its `via`"""
+    if merges is None: merges = list({id(p.merge): p.merge for p in pairs if p.merge is not None}.values())
     folds = {}
     for p in pairs:
+        if p.where == 'merged': continue # computed with its merge
         scale,shift = _valid_bn_affine(p.bn, model.get_submodule(p.bn))
         for name,a,b in p.parts or [(p.layer, None, None)]:
             if p.where == 'after': fold = (scale, shift) if a is None else (scale[a:b], shift[a:b]) # a slice of the BN's channels
             else: fold = (scale, shift) if a is None else widen_affine(scale, shift, a, model.get_submodule(name).in_features) # of the layer's columns
             folds.setdefault(name, []).append((p.where, *fold))
-    return {name: folded_layer_params(model.get_submodule(name), f) for name,f in folds.items()}
+    edits = {name: folded_layer_params(model.get_submodule(name), f) for name,f in folds.items()}
+    for m in merges: edits.update(merged_branch_params(model, m, edits))
+    return edits
+
+# %% ../nbs/02_fold.ipynb #2bbcdaea
+def empty_branch(m:nn.Module, # a conv, or a BN alone, whose branch moved into the merged conv
+                 nd:int, # the merged conv's spatial dims
+                ) -> nn.Module:
+    """torch.nn modules that give zeros shaped like `m`'s output, with the fewest passes and no conv where torch.nn allows:
+    a new tensor, as the parent's code may add into it in place (`out = branch(x); out += conv(x)`)"""
+    g = _geometry(m, nd)
+    reach = [d*(k-1) - 2*p for k,d,p in zip(g.kernel, g.dilation, g.padding)] # the output is `reach` smaller than the input (strides aside)
+    w = m.weight if isinstance(m, _ConvNd) else m.running_mean
+    if any(reach) or (g.cin != g.cout and nd > 2): # a conv of zeros of the same reach
+        k = [r+1 if r >= 0 else 1 if r % 2 == 0 else 2 for r in reach]
+        p = [0 if r >= 0 else -r//2 if r % 2 == 0 else (1-r)//2 for r in reach]
+        z = getattr(nn, f'Conv{nd}d')(g.cin, g.cout, k, g.stride, p, groups=math.gcd(g.cin, g.cout), bias=False, device=w.device, dtype=w.dtype)
+        nn.init.zeros_(z.weight)
+        return z.requires_grad_(False)
+    parts = [getattr(nn, f'AvgPool{nd}d')(1, g.stride)] if any(s > 1 for s in g.stride) else [] # every `stride`-th position
+    parts.append(nn.Threshold(math.inf, 0.)) # `x if x > inf else 0`: zeros
+    if g.cin != g.cout: parts.append(getattr(nn, f'ZeroPad{nd+1}d')((0, 0)*nd + (0, g.cout-g.cin))) # channels added (or cut) at the end
+    return parts[0] if len(parts) == 1 else nn.Sequential(*parts)
+
+@torch.no_grad()
+def merged_branch_params(model:nn.Module, # the model, not changed
+                         merge:MergedBranches, # from `find_folds`
+                         edits:dict, # `fold_plan`'s new `(weight, bias)` of the folded convs
+                        ) -> dict:
+    "The merged conv's new `(weight, bias)`, and what replaces each other branch's conv or BN (`empty_branch`), keyed by name"
+    into = model.get_submodule(merge.into)
+    K,G,w0 = tuple(into.kernel_size),into.groups,into.weight
+    kernels,out = [],{}
+    for kind,name in merge.branches:
+        m = model.get_submodule(name)
+        if kind == 'bn':
+            scale,shift = _valid_bn_affine(name, m)
+            kernels.append((identity_kernel(scale.to(w0.device), G, K), shift.to(w0.device)))
+        else:
+            w,b = edits.get(name, (m.weight, m.bias))
+            kernels.append((w.detach().double(), None if b is None else b.detach().double()))
+        if name != merge.into: out[name] = empty_branch(m, len(K))
+    w,b = merge_kernels(kernels, K)
+    rg = w0.requires_grad
+    out[merge.into] = (nn.Parameter(torch.empty_like(w0).copy_(w), requires_grad=rg),
+                       nn.Parameter(b.to((into.bias if into.bias is not None else w0).dtype), requires_grad=rg))
+    return out
 
 # %% ../nbs/02_fold.ipynb #bea76bf7
 def _put(model:nn.Module, target:str, new) -> object:
@@ -155,12 +235,14 @@ def _put(model:nn.Module, target:str, new) -> object:
     return old
 
 def apply_plan(model:nn.Module, pairs:list[FoldedPair], edits:dict[str,tuple[nn.Parameter,nn.Parameter]]) -> Callable[[],None]:
-    "Set the new weights and biases of `edits` in `model` and replace each folded BN by its tail; returns an undo"
+    "Set the new weights and biases of `edits` in `model`, put in the modules it holds, and replace each folded BN by its tail; returns an undo"
     undo = [] # `(target, what was there)`, in the order they were replaced
     try:
-        for name,(w,b) in edits.items():
-            for target,new in ((_name(name, 'weight'), w), (_name(name, 'bias'), b)): undo.append((target, _put(model, target, new)))
+        for name,e in edits.items():
+            if isinstance(e, nn.Module): undo.append((name, _put(model, name, e))); continue
+            for target,new in ((_name(name, 'weight'), e[0]), (_name(name, 'bias'), e[1])): undo.append((target, _put(model, target, new)))
         for p in pairs:
+            if p.where == 'merged': continue # replaced by its merge's edits
             bn = model.get_submodule(p.bn)
             undo.append((p.bn, _put(model, p.bn, bn_flavour(bn).tail(bn))))
     except BaseException:
@@ -188,6 +270,8 @@ class FoldReport:
     f64_diff: float|None = None # when `max_abs_diff` failed in float32 or lower: the same check on a float64 copy folded the same way
     f64_tolerance: float|None = None # what `f64_diff` was checked against
     cause: str|None = None # why the lower-precision outputs differ: 'selection' by value (`topk`, ...), 'threshold', or 'rounding'
+    merged: list[MergedBranches] = field(default_factory=list) # sums of parallel branches merged into one conv
+    unmerged: list[LeftMerge] = field(default_factory=list) # sums of branches on one tensor left apart, and why
 
     @property
     def n_bn(self): return len(self.folded) + len(self.left)
@@ -197,8 +281,10 @@ class FoldReport:
                  f'params {self.params_before:,} -> {self.params_after:,}']
         if self.max_abs_diff is not None: lines.append(f'  max |output difference| on the sample: {self.max_abs_diff:.3g} (tolerance {self.tolerance:.3g})')
         if self.f64_diff is not None: lines.append(f'  in float64: {self.f64_diff:.3g} (tolerance {self.f64_tolerance:.3g}); the lower-precision difference comes from {self.cause}')
-        lines += [_folded_line(p) for p in self.folded]
+        lines += [_folded_line(p) for p in self.folded if p.where != 'merged']
+        lines += [f'  merged {", ".join(f"`{n}`" for _,n in m.branches)} into `{m.into}`' + (f' [read from the sample run, where `{m.into}` took {m.traced_at}]' if m.traced_at else '') for m in self.merged]
         lines += [f'  left `{l.bn}`: {l.reason}' for l in self.left]
+        lines += [f'  not merged {", ".join(f"`{n}`" for n in m.branches)}: {m.reason}' for m in self.unmerged]
         lines += [f'  untraceable `{n}`: {e}; traced what it holds separately' if n else
                   f'  untraceable model `forward`: {e}; traced its children instead' for n,e in self.untraceable]
         return '\n'.join(lines)
@@ -275,6 +361,7 @@ def _cause(names:set) -> str:
 def float64_difference(model:nn.Module, # the unfolded model (not changed)
                        pairs:list[FoldedPair], # what to fold, from `find_pairs(model)`
                        args:tuple, # the positional inputs of the sample check
+                       merges:list|None=None, # the merges of parallel branches, from `find_folds(model)` (default: those `pairs` names)
                       ) -> tuple[float,float,str]:
     "`(worst |difference|, largest |output|, cause)` of a float64 copy of `model` folded with `pairs` vs unfolded, on `args` in float64"
     m64,a64 = copy.deepcopy(model).to(torch.float64).eval(),_float64(args) # the one extra copy
@@ -283,7 +370,7 @@ def float64_difference(model:nn.Module, # the unfolded model (not changed)
     try:
         with torch.inference_mode():
             with _OpNames() as ops: expected = m64(*a64)
-            apply_plan(m64, pairs, fold_plan(m64, pairs))
+            apply_plan(m64, pairs, fold_plan(m64, pairs, merges))
             got = m64(*a64)
     finally: torch.set_default_dtype(old)
     return *output_difference(expected, got), _cause(ops.names)
@@ -318,20 +405,21 @@ class BN_Folder:
         with _eval_mode(model):
             ran = None
             if sample is not None: expected,ran = _run_recording_calls(model, args) # before any change: `inplace` folds `model`
-            pairs,left,untraceable = find_pairs(model, ran, None if sample is None else args)
-        edits = fold_plan(model, pairs)
+            found = find_folds(model, ran, None if sample is None else args)
+        pairs,merges = found.pairs,found.merges
+        edits = fold_plan(model, pairs, merges)
         n_before = n_params(model)
         out = model if inplace else _copy_for_fold(model, pairs, edits)
         modes = _modes(out)
         undo = apply_plan(out, pairs, edits)
         out.eval()
-        self.report = FoldReport(pairs, left, untraceable, n_before, n_params(out))
-        if pairs: _warn_if_pretrained(model)
+        self.report = FoldReport(pairs, found.left, found.untraceable, n_before, n_params(out), merged=merges, unmerged=found.unmerged)
+        if pairs or merges: _warn_if_pretrained(model)
         if sample is not None:
             try:
                 if not self._outputs_match(expected, out, args):
                     if inplace: undo() # `model` is the original again, to copy to float64
-                    self._float64_outputs_match(model, pairs, args)
+                    self._float64_outputs_match(model, pairs, merges, args)
                     if inplace: undo = apply_plan(out, pairs, edits); out.eval()
             except BaseException:
                 if inplace: undo(); _restore_modes(modes)
@@ -351,10 +439,10 @@ class BN_Folder:
         if dtype is torch.float64: raise FoldCheckError(f'folded model differs from the original: {self._why}\n{self.report}')
         return False
 
-    def _float64_outputs_match(self, model, pairs, args):
+    def _float64_outputs_match(self, model, pairs, merges, args):
         "Fold a float64 copy of `model` with `pairs` and compare it with that copy unfolded: `FoldCheckError` if they differ"
         rtol = min(_RTOL64, self.rtol if self.rtol is not None else _RTOL64)
-        try: diff,scale,cause = float64_difference(model, pairs, args)
+        try: diff,scale,cause = float64_difference(model, pairs, args, merges)
         except Exception as e:
             raise FoldCheckError(f'folded model differs from the original: {self._why}; the float64 check could not run '
                                  f'({one_line(e)})\n{self.report}') from None

@@ -7,7 +7,7 @@ Docs: https://fastfold.github.io/fastfold/pairs.html.md"""
 # %% ../nbs/01a_pairs.ipynb #33e798a0
 from __future__ import annotations
 import ast, inspect, operator, sys, textwrap, weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 import torch, torch.fx as fx
 from torch import nn, Tensor
@@ -20,7 +20,8 @@ from .layers import *
 from .layers import _Overridden, _hooked, _n_out, _METADATA
 
 # %% auto #0
-__all__ = ['TracedGraph', 'traced_graphs', 'FoldedPair', 'LeftBN', 'SampleRun', 'run_graph', 'find_pairs']
+__all__ = ['TracedGraph', 'traced_graphs', 'FoldedPair', 'LeftBN', 'SampleRun', 'run_graph', 'find_pairs', 'MergedBranches',
+           'LeftMerge', 'Folds', 'find_folds']
 
 # %% ../nbs/01a_pairs.ipynb #99cb381b
 class _LeafBNTracer(fx.Tracer):
@@ -283,6 +284,7 @@ class FoldedPair:
     into_conv: bool = False # 'before' a conv rather than a Linear
     via: str = '' # a BN between this BN and the Linear, folded into it first
     traced_at: str = '' # read from a run on the sample, not from fx: the input shape of the layer there
+    merge: MergedBranches|None = field(default=None, repr=False, compare=False) # `where='merged'`: the merge the BN is a branch of
 
 @dataclass
 class LeftBN:
@@ -681,16 +683,21 @@ def find_pairs(model:nn.Module, # the model to read, in eval mode
                sample:tuple|None=None, # that sample's positional inputs: where fx cannot trace, pairs are read from a run on it
               ) -> tuple[list[FoldedPair], list[LeftBN], list[tuple[str,str]]]:
     "Foldable `(layer, BN)` pairs in `model`'s data flow, the BNs left with their reasons, and untraceable modules"
+    return _find(model, ran, sample)[:3]
+
+def _find(model, ran, sample):
+    "`(pairs, left, untraceable, flows)`: `flows` are the graphs shown to be what the model runs (fx's, and the sample run's if read)"
     graphs,untraceable = traced_graphs(model, None if sample is None else len(sample))
-    counts,seen,verdicts,shown = _call_counts(graphs),set(),{},set()
+    counts,seen,verdicts,shown,flows = _call_counts(graphs),set(),{},set(),[]
     for g in graphs:
         flow = _Flow(g.graph, g.module, g.prefix, counts, f'the input of `{g.prefix}`' if g.prefix else 'the input of the traced module')
+        if g.shown: flows.append(flow)
         for name,v in _verdicts(flow, seen).items():
             verdicts[name] = v if g.shown or isinstance(v, LeftBN) else _not_shown(v, g, dict(untraceable))
             if g.shown: shown.add(name)
     bns = bn_layers(model)
     if sample is not None and untraceable and not all(isinstance(verdicts.get(n), FoldedPair) for n,_ in bns):
-        _read_run(model, sample, verdicts, shown)
+        if (run := _read_run(model, sample, verdicts, shown)) is not None: flows.append(run)
     pairs = [v for v in verdicts.values() if isinstance(v, FoldedPair)]
     left = [v for v in verdicts.values() if isinstance(v, LeftBN)]
     before = {(p.bn, p.layer) for p in pairs if p.where == 'before'}
@@ -698,21 +705,22 @@ def find_pairs(model:nn.Module, # the model to read, in eval mode
         pairs.remove(p); left.append(LeftBN(p.bn, f'it reaches `{p.layer}` through `{p.via}`, which is left'))
     pairs.sort(key=lambda p: bool(p.via)) # folded into a layer after the BN between them, as they are applied
     left += [LeftBN(name, _unreached(name, m, graphs, untraceable, ran)) for name,m in bns if name not in verdicts and id(m) not in seen]
-    return pairs, left, untraceable
+    return pairs, left, untraceable, flows
 
-def _read_run(model, sample, verdicts, shown):
-    "Settle from a run on `sample` the BNs fx left: a pair in the run replaces fx's reason; the run's reason replaces one fx gave outside a shown graph"
+def _read_run(model, sample, verdicts, shown) -> _Flow|None:
+    "Settle from a run on `sample` the BNs fx left: a pair in the run replaces fx's reason; the run's reason replaces one fx gave outside a shown graph. The run's flow, if it shows the one path"
     try: run = run_graph(model, sample)
     except Exception as e:
         for name,v in verdicts.items():
             if isinstance(v, LeftBN) and name not in shown: v.reason += f' (the sample run could not be recorded: {one_line(e)})'
-        return
+        return None
     flow = _Flow(run.graph, model, '', run.counts, "the model's input")
     for name,v in _verdicts(flow, set()).items():
         if isinstance(verdicts.get(name), FoldedPair) and name in shown: continue # fx showed it for any input
         if isinstance(v, FoldedPair) and run.value_reads:
             v = LeftBN(name, f'the sample run pairs it with `{v.layer}`, but reads tensor values ({run.value_reads[0]}): it shows one path of several')
         if isinstance(v, FoldedPair) or name not in shown: verdicts[name] = v
+    return None if run.value_reads else flow
 
 def _unreached(name, bn, graphs, untraceable, ran) -> str:
     "Why the BN `name` is in no traced graph: its innermost traced ancestor never calls it, or it is inside an untraceable one"
@@ -722,3 +730,197 @@ def _unreached(name, bn, graphs, untraceable, ran) -> str:
     if a in traced: return f'never called in the `forward` of `{a}`' if a else 'never called in `forward`'
     if ran is not None and id(bn) not in ran: return 'never called on the sample input'
     return f'inside untraceable `{a or "model"}`, not reached by tracing'
+
+# %% ../nbs/01a_pairs.ipynb #311b7cf4
+@dataclass
+class MergedBranches:
+    "Branches of one sum that each apply a linear map to the same tensor, merged into one conv"
+    into: str # the conv that computes the merged sum: the one whose kernel covers every other branch's
+    branches: tuple # `(kind, name)` of each branch merged, `into` first: ('conv', a conv, its BN folded first) or ('bn', a BN alone)
+    traced_at: str = '' # read from the sample run, not from fx: the input shape of `into` there
+
+@dataclass
+class LeftMerge:
+    "Branches of a sum on one tensor that stay apart, and why"
+    branches: tuple # the names of the convs and BNs the sum adds
+    reason: str
+
+@dataclass
+class Folds:
+    "Everything `find_folds` read from a model: the pairs, the merges of parallel branches, and what is left"
+    pairs: list # `FoldedPair`s; a BN merged as a branch is one with `where='merged'`
+    left: list # `LeftBN`s
+    untraceable: list # `(module name, error)`
+    merges: list # `MergedBranches`
+    unmerged: list # `LeftMerge`s
+
+# %% ../nbs/01a_pairs.ipynb #2507af1c
+_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+_ADD_METHODS = {'add', 'add_', '__add__', '__iadd__', '__radd__'}
+
+def _is_add(n:fx.Node) -> bool:
+    "Is node `n` a plain sum of two terms: `+`, `+=`, `torch.add` or `Tensor.add` without `alpha`?"
+    add = (n.op == 'call_function' and n.target in _ADD_FUNCTIONS) or (n.op == 'call_method' and n.target in _ADD_METHODS)
+    return add and len(n.args) == 2 and not n.kwargs
+
+def _passes_on(n, flow:_Flow) -> fx.Node|None:
+    "The input that node `n` hands on unchanged (an `nn.Identity`, or a Dropout in eval mode, without hooks), else None"
+    m = flow.module(n) if isinstance(n, fx.Node) else None
+    return _single_input(n) if isinstance(m, (nn.Identity, _DropoutNd)) and not _hooked(m) else None
+
+def _source(n:fx.Node, flow:_Flow) -> fx.Node:
+    "`n`, past the pass-throughs that feed it"
+    while (p := _passes_on(n, flow)) is not None: n = p
+    return n
+
+def _sum_terms(root:fx.Node, flow:_Flow) -> tuple[list,list]:
+    "`(terms, adds)`: what the chain of adds ending at `root` sums; an add or pass-through is opened when its value goes only to the next add"
+    terms,adds,todo = [],[root],list(root.args)
+    while todo:
+        a = todo.pop(0)
+        if isinstance(a, fx.Node) and len(_value_users(a)) == 1 and _is_add(a): adds.append(a); todo[:0] = list(a.args)
+        elif isinstance(a, fx.Node) and len(_value_users(a)) == 1 and _passes_on(a, flow) is not None: todo.insert(0, _passes_on(a, flow))
+        else: terms.append(a)
+    return terms,adds
+
+# %% ../nbs/01a_pairs.ipynb #cf829077
+class _Branch(NamedTuple):
+    "One term of a sum that applies a linear map to its input `src`: a conv (`bn`: the BN folded after it) or a BN alone"
+    kind: str # 'conv' or 'bn'
+    name: str # the conv, or the BN
+    src: fx.Node # the input it reads, past pass-throughs
+    node: fx.Node # the term itself
+    bn: str = ''
+    why: str|None = None # why it cannot merge, whatever the others
+
+def _branch(t, flow:_Flow, folded:dict) -> _Branch|None:
+    "The branch the sum's term `t` is, or None if it is no conv or BN of one tensor"
+    m = flow.module(t) if isinstance(t, fx.Node) else None
+    if m is None or _single_input(t) is None: return None
+    name = flow.name(t.target)
+    also = (f'the output of `{name}` also feeds {", ".join(flow.describe(u) for u in us[1:])}'
+            if len(us := sorted(_value_users(t), key=lambda u: not _is_add(u))) > 1 else None)
+    if is_bn(m):
+        p = folded.get(name)
+        if p is not None and p.where == 'after' and not p.parts and not p.through:
+            conv = _single_input(t)
+            why = also or _tail_problem(m, name) or _conv_problem(flow.module(conv), flow.name(conv.target), flow)
+            return _Branch('conv', flow.name(conv.target), _source(_single_input(conv), flow), t, name, why)
+        if p is not None: return None
+        why = also or _bn_problem(m) or (f'`{name}` is called {flow.times(m)} times' if flow.shared(m) else None) or _tail_problem(m, name)
+        return _Branch('bn', name, _source(_single_input(t), flow), t, '', why)
+    if isinstance(m, _ConvNd) and not isinstance(m, _ConvTransposeNd):
+        return _Branch('conv', name, _source(_single_input(t), flow), t, '', also or _conv_problem(m, name, flow))
+    return None
+
+def _tail_problem(bn:nn.Module, name:str) -> str|None:
+    "Why what is left of `bn` once folded is more than `nn.Identity` (timm's `act` and `drop`), so its branch is no linear map"
+    fl = bn_flavour(bn)
+    tail = fl.tail(bn) if isinstance(fl, BNFlavour) else None
+    return None if isinstance(tail, nn.Identity) else f'`{name}` keeps {type(tail).__name__} after it (an activation or dropout), which is no linear map'
+
+def _conv_problem(m:nn.Module, name:str, flow:_Flow) -> str|None:
+    "Why the conv `m` cannot take part in a merge, whatever the other branches"
+    if not isinstance(m, _ConvNd) or isinstance(m, _ConvTransposeNd): return f'`{name}` is not a conv'
+    if flow.shared(m): return f'`{name}` is called more than once'
+    return layer_problem(m, 'after')
+
+# %% ../nbs/01a_pairs.ipynb #7ddbf121
+class _Geometry(NamedTuple):
+    "Where a branch's kernel reads its input: what decides whether it lines up with another's"
+    kernel: tuple
+    stride: tuple
+    padding: tuple|None # per dim (`padding='same'` resolved); None if it pads one side more (`'same'` with an even reach)
+    dilation: tuple
+    mode: str # `padding_mode`
+    groups: int|None # None: fits any groups (a BN, the identity)
+    cin: int
+    cout: int
+
+def _geometry(m:nn.Module, nd:int) -> _Geometry:
+    "The `_Geometry` of a conv, or of a BN alone as a one-tap kernel in `nd` dims"
+    if not isinstance(m, _ConvNd):
+        c = m.running_mean.numel()
+        return _Geometry((1,)*nd, (1,)*nd, (0,)*nd, (1,)*nd, 'zeros', None, c, c)
+    k,d = tuple(m.kernel_size),tuple(m.dilation)
+    if m.padding == 'valid': p = (0,)*len(k)
+    elif m.padding == 'same': p = None if any(x*(y-1) % 2 for x,y in zip(d, k)) else tuple(x*(y-1)//2 for x,y in zip(d, k))
+    else: p = tuple(m.padding)
+    return _Geometry(k, tuple(m.stride), p, d, m.padding_mode, m.groups, m.in_channels, m.out_channels)
+
+def _lineup(bs:list[_Branch], flow:_Flow) -> tuple[int,str|None]:
+    "`(i, why)`: the branch `bs[i]` whose conv covers every other branch's kernel, and why they do not line up (None if they do)"
+    ms = [_module(flow, b.name) for b in bs]
+    nd = len(next(m for m in ms if isinstance(m, _ConvNd)).kernel_size)
+    gs = [_geometry(m, nd) for m in ms]
+    if len({len(g.kernel) for g in gs}) > 1: return 0, 'its branches are convs of different dims'
+    cover = [i for i,b in enumerate(bs) if b.kind == 'conv' and all(all(K >= k for K,k in zip(gs[i].kernel, g.kernel)) for g in gs)]
+    if not cover: return 0, f'no branch\'s kernel covers every other\'s ({", ".join("x".join(map(str, g.kernel)) for g in gs)})'
+    i = cover[0]
+    G,into = gs[i],f'`{bs[i].name}`'
+    if G.padding is None: return i, f'{into} pads one side more than the other (`padding="same"`, even reach)'
+    for b,g in zip(bs, gs):
+        if b is bs[i]: continue
+        me = f'`{b.name}`'
+        if (g.cin, g.cout) != (G.cin, G.cout): return i, f'{me} maps {g.cin} to {g.cout} channels, {into} {G.cin} to {G.cout}'
+        if g.groups is not None and g.groups != G.groups: return i, f'{me} has {g.groups} groups, {into} {G.groups}'
+        if g.stride != G.stride: return i, f'{me} has stride {g.stride}, {into} {G.stride}'
+        if any(k > 1 and d != D for k,d,D in zip(g.kernel, g.dilation, G.dilation)): return i, f'{me} has dilation {g.dilation}, {into} {G.dilation}'
+        if g.padding is None: return i, f'{me} pads one side more than the other (`padding="same"`, even reach)'
+        if any(g.padding) and g.mode != G.mode: return i, f'{me} pads with {g.mode!r}, {into} with {G.mode!r}'
+        if any(2*p - d*(k-1) != 2*P - D*(K-1) for p,d,k,P,D,K in zip(g.padding, g.dilation, g.kernel, G.padding, G.dilation, G.kernel)):
+            return i, f'the centre of {me}\'s kernel (padding {g.padding}) reads another input position than {into}\'s (padding {G.padding})'
+        if any((K-k) % 2 for k,K in zip(g.kernel, G.kernel)): return i, f'the centre of {me}\'s kernel falls between two taps of {into}\'s'
+    return i, None
+
+def _module(flow:_Flow, name:str) -> nn.Module:
+    "The module of `flow`'s root with the full name `name`"
+    return flow.root.get_submodule(name[len(flow.prefix)+1:] if flow.prefix else name)
+
+# %% ../nbs/01a_pairs.ipynb #bdd0a869
+def _merges(flows:list[_Flow], pairs:list, left:list) -> tuple[list,list]:
+    """`(merges, unmerged)` in the graphs of `flows`: the sums whose branches read one tensor and line up, and those that do not.
+    A BN merged as a branch moves from `left` to `pairs` (`where='merged'`); one left gets the merge's reason"""
+    folded,lefts = {p.bn: p for p in pairs},{l.bn: l for l in left}
+    merges,unmerged,seen = [],[],set()
+    for flow in flows:
+        sums,done = [],set()
+        for root in reversed(list(flow.graph.nodes)): # the last add of a chain first: it holds the whole sum
+            if root in done or not _is_add(root): continue
+            terms,adds = _sum_terms(root, flow)
+            done.update(adds); sums.append(terms)
+        for terms in reversed(sums): # in the order the model runs them
+            groups = {}
+            for t in terms:
+                if (b := _branch(t, flow, folded)) is not None: groups.setdefault(b.src, []).append(b)
+            for bs in groups.values():
+                if len(bs) < 2 or not any(b.kind == 'conv' for b in bs): continue
+                names = tuple(b.name for b in bs)
+                if names in seen: continue # found in an earlier graph
+                seen.add(names)
+                twice = next((b for b in bs if terms.count(b.node) > 1), None)
+                why = next((b.why for b in bs if b.why), None) or (twice and f'`{twice.name}` is {terms.count(twice.node)} terms of the sum')
+                i,lw = _lineup(bs, flow) if not why else (0, None)
+                if why or lw:
+                    unmerged.append(LeftMerge(names, why or lw))
+                    for b in bs:
+                        if b.kind == 'bn' and b.name in lefts: lefts[b.name].reason = f'a branch of a sum that does not merge: {why or lw}'
+                    continue
+                bs = [bs[i]] + bs[:i] + bs[i+1:]
+                traced_at = next((n.meta['shape'] for n in flow.graph.nodes if n.op == 'call_module' and flow.name(n.target) == bs[0].name and 'shape' in n.meta), '')
+                m = MergedBranches(bs[0].name, tuple((b.kind, b.name) for b in bs), traced_at)
+                merges.append(m)
+                for b in bs:
+                    if b.kind == 'bn':
+                        if b.name in lefts: left.remove(lefts.pop(b.name))
+                        pairs.append(FoldedPair(m.into, b.name, 'merged', traced_at=traced_at, merge=m))
+    return merges, unmerged
+
+def find_folds(model:nn.Module, # the model to read, in eval mode
+               ran:set|None=None, # ids of the modules that ran on a sample input, when one was run
+               sample:tuple|None=None, # that sample's positional inputs: where fx cannot trace, pairs are read from a run on it
+              ) -> Folds:
+    "`find_pairs`, and the sums of parallel branches on one tensor that merge into one conv, from the same graphs"
+    pairs,left,untraceable,flows = _find(model, ran, sample)
+    merges,unmerged = _merges(flows, pairs, left)
+    return Folds(pairs, left, untraceable, merges, unmerged)
