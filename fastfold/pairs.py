@@ -774,12 +774,12 @@ def _source(n:fx.Node, flow:_Flow) -> fx.Node:
     return n
 
 def _sum_terms(root:fx.Node, flow:_Flow) -> tuple[list,list]:
-    "`(terms, adds)`: what the chain of adds ending at `root` sums; an add or pass-through is opened when its value goes only to the next add"
+    "`(terms, chain)`: what the chain of adds ending at `root` sums, and its adds and pass-throughs (each opened when its value goes only to the next)"
     terms,adds,todo = [],[root],list(root.args)
     while todo:
         a = todo.pop(0)
         if isinstance(a, fx.Node) and len(_value_users(a)) == 1 and _is_add(a): adds.append(a); todo[:0] = list(a.args)
-        elif isinstance(a, fx.Node) and len(_value_users(a)) == 1 and _passes_on(a, flow) is not None: todo.insert(0, _passes_on(a, flow))
+        elif isinstance(a, fx.Node) and len(_value_users(a)) == 1 and _passes_on(a, flow) is not None: adds.append(a); todo.insert(0, _passes_on(a, flow))
         else: terms.append(a)
     return terms,adds
 
@@ -793,13 +793,13 @@ class _Branch(NamedTuple):
     bn: str = ''
     why: str|None = None # why it cannot merge, whatever the others
 
-def _branch(t, flow:_Flow, folded:dict) -> _Branch|None:
-    "The branch the sum's term `t` is, or None if it is no conv or BN of one tensor"
+def _branch(t, flow:_Flow, folded:dict, chain:list) -> _Branch|None:
+    "The branch the term `t` of the sum made by `chain` (its adds and pass-throughs) is, or None if it is no conv or BN of one tensor"
     m = flow.module(t) if isinstance(t, fx.Node) else None
     if m is None or _single_input(t) is None: return None
     name = flow.name(t.target)
-    also = (f'the output of `{name}` also feeds {", ".join(flow.describe(u) for u in us[1:])}'
-            if len(us := sorted(_value_users(t), key=lambda u: not _is_add(u))) > 1 else None)
+    us = [u for u in _value_users(t) if u not in chain]
+    also = f'the output of `{name}` also feeds {", ".join(flow.describe(u) for u in us)}' if us else None
     if is_bn(m):
         p = folded.get(name)
         if p is not None and p.where == 'after' and not p.parts and not p.through:
@@ -887,19 +887,20 @@ def _merges(flows:list[_Flow], pairs:list, left:list) -> tuple[list,list]:
         sums,done = [],set()
         for root in reversed(list(flow.graph.nodes)): # the last add of a chain first: it holds the whole sum
             if root in done or not _is_add(root): continue
-            terms,adds = _sum_terms(root, flow)
-            done.update(adds); sums.append(terms)
-        for terms in reversed(sums): # in the order the model runs them
+            terms,chain = _sum_terms(root, flow)
+            done.update(chain); sums.append((terms, chain))
+        for terms,chain in reversed(sums): # in the order the model runs them
             groups = {}
             for t in terms:
-                if (b := _branch(t, flow, folded)) is not None: groups.setdefault(b.src, []).append(b)
+                if (b := _branch(t, flow, folded, chain)) is not None and b.node not in [c.node for c in groups.get(b.src, [])]:
+                    groups.setdefault(b.src, []).append(b)
             for bs in groups.values():
                 if len(bs) < 2 or not any(b.kind == 'conv' for b in bs): continue
                 names = tuple(b.name for b in bs)
                 if names in seen: continue # found in an earlier graph
                 seen.add(names)
                 twice = next((b for b in bs if terms.count(b.node) > 1), None)
-                why = next((b.why for b in bs if b.why), None) or (twice and f'`{twice.name}` is {terms.count(twice.node)} terms of the sum')
+                why = (twice and f'`{twice.name}` is {terms.count(twice.node)} terms of the sum') or next((b.why for b in bs if b.why), None)
                 i,lw = _lineup(bs, flow) if not why else (0, None)
                 if why or lw:
                     unmerged.append(LeftMerge(names, why or lw))

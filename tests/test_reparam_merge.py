@@ -1,0 +1,201 @@
+"""Merging the parallel branches of a sum into one conv (`find_folds`, `BN_Folder`): hand-built blocks.
+
+For each kind of refusal, a block whose branches must not merge and whose outputs would go wrong if the rule that
+refuses it were loosened: the fold runs without a sample (so no output check can catch a wrong merge), and must keep
+the block's outputs and say why. Blocks that line up merge exactly. Then property tests: random kernel sizes,
+strides, paddings, dilations, groups and padding modes, merged exactly or left with a reason.
+
+Every model gets random BN statistics (`randomize_bn`), so a wrong merge cannot hide behind identity statistics.
+"""
+import copy, pickle
+import pytest, torch
+import torch.nn.functional as F
+from torch import nn
+from hypothesis import given, settings, assume, strategies as st, HealthCheck
+from timm.layers import BatchNormAct2d
+from fastfold.layers import bn_layers, randomize_bn
+from fastfold.fold import BN_Folder, float64_difference, output_difference
+
+def x_of(*shape, seed=0): return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+def fold(model, x, seed=0):
+    "Fold `model` (random BN statistics) without a sample; check it is untouched and the outputs are kept, in float32 and float64"
+    model = randomize_bn(model, seed=seed).eval()
+    sd = copy.deepcopy(model.state_dict())
+    folder = BN_Folder()
+    folded = folder.fold(model)
+    r = folder.report
+    assert all(torch.equal(v, model.state_dict()[k]) for k,v in sd.items())
+    with torch.inference_mode(): d,s = output_difference(model(x), folded(x))
+    assert d <= 1e-5*s + 1e-6, f'float32 outputs differ by {d:.3g} (largest {s:.3g})\n{r}'
+    d,s,_ = float64_difference(model, r.folded, (x,), r.merged)
+    assert d <= 1e-9*s, f'float64 outputs differ by {d:.3g} (largest {s:.3g})\n{r}'
+    return folded, r
+
+def n_convs(m): return sum(isinstance(c, nn.modules.conv._ConvNd) for c in m.modules())
+def n_working_convs(m): return sum(isinstance(c, nn.modules.conv._ConvNd) and bool(c.weight.any()) for c in m.modules())
+
+class Sum(nn.Module):
+    "The sum of `branches` (modules, or `None` for the raw input) applied to one input"
+    def __init__(self, *branches):
+        super().__init__()
+        self.branches = nn.ModuleList([b for b in branches if b is not None])
+        self.raw = None in branches
+    def forward(self, x):
+        out = x if self.raw else 0
+        for b in self.branches: out = out + b(x)
+        return out
+
+def cbn(*a, **kw): return nn.Sequential(nn.Conv2d(*a, **kw), nn.BatchNorm2d(a[1]))
+
+## Blocks that merge
+
+def test_repvgg_block_merges_to_one_conv():
+    m = Sum(cbn(4, 4, 3, padding=1, bias=False), cbn(4, 4, 1, bias=False), nn.BatchNorm2d(4))
+    folded,r = fold(m, x_of(2, 4, 7, 7))
+    assert [(mg.into, [n for _,n in mg.branches]) for mg in r.merged] == [('branches.0.0', ['branches.0.0', 'branches.1.0', 'branches.2'])]
+    assert (len(r.folded), r.n_bn, len(bn_layers(folded)), n_convs(folded)) == (3, 3, 0, 1)
+    assert '  merged `branches.0.0`, `branches.1.0`, `branches.2` into `branches.0.0`' in str(r).splitlines()
+    assert type(pickle.loads(pickle.dumps(folded))) is Sum
+
+def test_merges_where_the_block_adds_in_place_into_a_branch():
+    "MobileOne's `out = conv_scale(x); out += conv(x)`: the emptied branch must give a new tensor, not its input"
+    class InPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale,self.convs,self.identity = cbn(4, 4, 1),nn.ModuleList([cbn(4, 4, 3, padding=1) for _ in range(2)]),nn.BatchNorm2d(4)
+        def forward(self, x):
+            out = self.identity(x)
+            out += self.scale(x)
+            for c in self.convs: out += c(x)
+            return out
+    x = x_of(2, 4, 6, 6)
+    folded,r = fold(InPlace(), x)
+    assert len(r.merged) == 1 and n_convs(folded) == 1
+    x0 = x.clone(); folded(x); assert torch.equal(x, x0)
+
+@pytest.mark.parametrize('branches', [
+    [dict(kernel_size=3, padding=1, groups=4), dict(kernel_size=1, groups=4), 'bn'], # depthwise, with the identity
+    [dict(kernel_size=(3, 5), padding=(1, 2)), dict(kernel_size=(1, 3), padding=(0, 1)), dict(kernel_size=(3, 1), padding=(1, 0))], # asymmetric kernels
+    [dict(kernel_size=3, padding=1, stride=2), dict(kernel_size=1, stride=2)], # strided, no identity
+    [dict(kernel_size=5, padding=4, dilation=2), dict(kernel_size=1)], # dilated
+    [dict(kernel_size=3, padding=1, padding_mode='reflect'), dict(kernel_size=1), 'bn'], # a 1x1 conv and the identity read no padding
+    [dict(kernel_size=5, padding=1), dict(kernel_size=3)], # the output shrinks: the emptied branch is a conv of zeros
+])
+def test_branches_that_line_up_merge(branches):
+    ms = [nn.BatchNorm2d(4) if b == 'bn' else cbn(4, 4, **b) for b in branches]
+    folded,r = fold(Sum(*ms), x_of(2, 4, 9, 9))
+    assert len(r.merged) == 1 and not r.unmerged, r
+    assert n_working_convs(folded) == 1 and not bn_layers(folded)
+
+def test_a_raw_identity_stays_a_term():
+    folded,r = fold(Sum(cbn(4, 4, 3, padding=1), cbn(4, 4, 1), None), x_of(2, 4, 5, 5))
+    assert len(r.merged) == 1 and n_convs(folded) == 1
+
+def test_a_sum_of_other_inputs_is_no_merge():
+    "A ResNet block adds the input to a conv of something else: no group, nothing reported"
+    class Res(nn.Module):
+        def __init__(self): super().__init__(); self.a,self.b = cbn(4, 4, 3, padding=1),cbn(4, 4, 3, padding=1)
+        def forward(self, x): return self.b(self.a(x).relu()) + x
+    _,r = fold(Res(), x_of(2, 4, 5, 5))
+    assert (r.merged, r.unmerged, len(r.folded)) == ([], [], 2)
+
+## One block per refusal: each would give wrong outputs if its rule were loosened
+
+class Reused(nn.Module):
+    "The 1x1 branch's output is also returned: emptying it would change that output"
+    def __init__(self): super().__init__(); self.a,self.b = cbn(4, 4, 3, padding=1),cbn(4, 4, 1)
+    def forward(self, x):
+        y = self.b(x)
+        return self.a(x) + y, y
+
+class SharedConv(nn.Module):
+    "The 1x1 conv is also called on another tensor: emptying it would zero that call"
+    def __init__(self): super().__init__(); self.a,self.b = nn.Conv2d(4, 4, 3, padding=1),nn.Conv2d(4, 4, 1)
+    def forward(self, x): return self.a(x) + self.b(x), self.b(x.flip(-1))
+
+class TwiceInSum(nn.Module):
+    "One conv's output is two terms of the sum: merged once, it would count once"
+    def __init__(self): super().__init__(); self.a,self.b = nn.Conv2d(4, 4, 3, padding=1),nn.Conv2d(4, 4, 1)
+    def forward(self, x):
+        y = self.b(x)
+        return self.a(x) + y + y
+
+class StdConv(nn.Conv2d):
+    "A conv that standardises its weight in `forward`: its `weight` is not the kernel it applies"
+    def forward(self, x):
+        w = self.weight - self.weight.mean((1, 2, 3), keepdim=True)
+        return self._conv_forward(x, w, self.bias)
+
+class BNAct(nn.BatchNorm2d):
+    "A BN that applies a ReLU after normalising: not a linear map"
+    def forward(self, x): return super().forward(x).relu()
+
+REFUSALS = {
+    'output used elsewhere': (Reused(), 'the output of `b.1` also feeds `output`'),
+    'shared conv': (SharedConv(), '`b` is called more than once'),
+    'conv used twice in the sum': (TwiceInSum(), '`b` is 2 terms of the sum'),
+    'layer subclass that prepares weights': (Sum(nn.Conv2d(4, 4, 3, padding=1), StdConv(4, 4, 1)), '`StdConv.forward`'),
+    'BN alone that is no BN': (Sum(nn.Conv2d(4, 4, 3, padding=1), BNAct(4)), 'was not shown to compute a BN'),
+    'BN alone with an activation': (Sum(nn.Conv2d(4, 4, 3, padding=1), BatchNormAct2d(4)), 'keeps Sequential after it'),
+    'conv + BN with an activation': (Sum(nn.Conv2d(4, 4, 3, padding=1), nn.Sequential(nn.Conv2d(4, 4, 1), BatchNormAct2d(4))), 'keeps Sequential after it'),
+    'off-centre kernels': (Sum(nn.Conv2d(4, 4, 3, stride=3), nn.Conv2d(4, 4, 1, stride=3)), "reads another input position"),
+    'different stride': (Sum(nn.Conv2d(4, 4, 3, stride=2, padding=1), nn.Conv2d(4, 4, 3, stride=3, padding=1)), 'has stride (3, 3)'),
+    'different dilation': (Sum(nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=2, dilation=2)), 'has dilation (2, 2)'),
+    'mixed padding modes': (Sum(nn.Conv2d(4, 4, 3, padding=1, padding_mode='reflect'), nn.Conv2d(4, 4, 3, padding=1)), "pads with 'zeros'"),
+    'groups that do not line up': (Sum(nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1, groups=4)), 'has 4 groups'),
+    'centre between two taps': (Sum(nn.Conv2d(4, 4, 3, padding=2, dilation=2), nn.Conv2d(4, 4, 2, padding=1, dilation=2)), 'falls between two taps'),
+}
+SIZES = {'off-centre kernels': 6, 'different stride': 4} # where the two outputs have the same size
+
+@pytest.mark.parametrize('kind', REFUSALS)
+def test_refused_merge_keeps_outputs_and_says_why(kind):
+    model,why = REFUSALS[kind]
+    folded,r = fold(model, x_of(2, 4, SIZES.get(kind, 7), SIZES.get(kind, 7)))
+    assert r.merged == [], r
+    assert len(r.unmerged) == 1 and why in r.unmerged[0].reason, r
+    assert f'  not merged ' in str(r)
+
+def test_a_bn_alone_in_a_refused_sum_is_left_with_the_reason():
+    m = Sum(nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=2, dilation=2), nn.BatchNorm2d(4))
+    folded,r = fold(m, x_of(2, 4, 7, 7))
+    assert [(l.bn, l.reason) for l in r.left] == [('branches.2', 'a branch of a sum that does not merge: `branches.1` has dilation (2, 2), `branches.0` (1, 1)')]
+    assert len(bn_layers(folded)) == 1
+
+## Property tests: random geometry, merged exactly or left with a reason
+
+SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+
+@st.composite
+def branch_sums(draw):
+    "Two or three conv branches (with or without BN) and maybe a BN on the identity, mostly lined up, sometimes not"
+    groups = draw(st.sampled_from([1, 2, 4]))
+    stride = draw(st.sampled_from([1, 1, 2]))
+    k0,d0 = draw(st.sampled_from([1, 3, 5])),draw(st.sampled_from([1, 1, 2]))
+    e0 = d0*(k0-1) - 2*draw(st.integers(0, d0*(k0-1)//2 + 1)) # the first branch's reach: how much smaller its output is
+    mode = draw(st.sampled_from(['zeros', 'zeros', 'reflect']))
+    convs = []
+    for i in range(draw(st.integers(2, 3))):
+        k,d = (k0, d0) if i == 0 else (draw(st.sampled_from([1, 2, 3])), draw(st.sampled_from([1, 1, 2])))
+        p = (d*(k-1) - e0)//2 if draw(st.integers(0, 4)) else draw(st.integers(0, 2)) # mostly centred
+        if p < 0: p = 0
+        g = groups if draw(st.integers(0, 5)) else draw(st.sampled_from([1, 2, 4]))
+        s = stride if draw(st.integers(0, 5)) else draw(st.sampled_from([1, 2]))
+        md = mode if draw(st.integers(0, 5)) else draw(st.sampled_from(['zeros', 'reflect']))
+        conv = nn.Conv2d(4, 4, k, s, p, d, groups=g, bias=draw(st.booleans()), padding_mode=md)
+        convs.append(nn.Sequential(conv, nn.BatchNorm2d(4)) if draw(st.booleans()) else conv)
+    if stride == 1 and draw(st.booleans()): convs.append(nn.BatchNorm2d(4))
+    return Sum(*convs), draw(st.integers(5, 9)), draw(st.integers(0, 2**16))
+
+@SETTINGS
+@given(branch_sums())
+def test_random_branches_merge_exactly_or_say_why(case):
+    model,size,seed = case
+    x = x_of(2, 4, size, size, seed=seed)
+    try:
+        with torch.no_grad(): model.eval()(x)
+    except RuntimeError: assume(False) # the branches' outputs do not add up (sizes), or reflect padding is too wide
+    folded,r = fold(model, x, seed=seed)
+    assert len(r.merged) + len(r.unmerged) == 1, r
+    if r.merged: assert n_working_convs(folded) == 1 and not bn_layers(folded), r
+    else: assert r.unmerged[0].reason and n_convs(folded) == n_convs(model), r
