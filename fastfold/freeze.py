@@ -1,4 +1,4 @@
-"""Freeze BatchNorm while fine-tuning: eval mode in every training epoch and no gradients, with a fastai callback (`FreezeBN`) or a plain PyTorch function (`freeze_bn`).
+"""Freeze BatchNorm while fine-tuning: eval mode in every training epoch and no gradients, with a fastai callback (`FreezeBN`) or a plain PyTorch function (`freeze_bn`); each frozen BN right after a conv is computed inside it (`fuse_frozen_bn`).
 
 Docs: https://fastfold.github.io/fastfold/freeze.html.md"""
 
