@@ -354,3 +354,16 @@ def test_not_fused_in_data_parallel_or_with_an_instance_forward():
     fusion = fuse_frozen_bn(model, frozen)
     assert fusion.fused == ['0.4', '1.3'] and 'instance `forward`' in fusion.report()
     frozen.restore()
+
+def test_error_before_the_forward_left_until_restore():
+    "An error raised by a later callback's `before_batch` (fusing on, no forward): the forwards stay until `restore()` or the next fit"
+    class BoomBeforeBatch(Callback):
+        order = 50
+        def before_batch(self):
+            if self.training: raise RuntimeError('boom')
+    learn = Learner(image_dls(), conv_bn_net(), loss_func=CrossEntropyLossFlat(), splitter=body_head, cbs=[FreezeBN()])
+    before = module_state(learn.model)
+    with pytest.raises(RuntimeError, match='boom'): learn.fit(1, cbs=BoomBeforeBatch())
+    assert sum('forward' in vars(m) for m in learn.model.modules()) == 5   # 2 layers, 2 BN, the model
+    learn.freeze_bn.restore()
+    assert same_state(module_state(learn.model), before)
