@@ -270,6 +270,7 @@ def test_export_during_and_after_a_fused_fit(tmp_path):
     assert learn.fold_on_export.report.left == [] and len(learn.fold_on_export.report.folded) == 3
     assert learn.freeze_bn.fused == ['0.1', '0.4']
     loss = learn.validate()[0]
+    assert learn.freeze_bn.fused == ['0.1', '0.4']   # `validate` runs `before_fit` too, but trains nothing: the report stays
     learn.fold()
     assert len(freezable_bn_layers(learn.model)) == 0
     assert abs(learn.validate()[0] - loss) < 1e-4
