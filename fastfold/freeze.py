@@ -1,4 +1,4 @@
-"""Freeze BatchNorm while fine-tuning: eval mode in every training epoch and no gradients, with a fastai callback (`FreezeBN`) or a plain PyTorch function (`freeze_bn`).
+"""Freeze BatchNorm while fine-tuning: eval mode in every training epoch and no gradients, with a fastai callback (`FreezeBN`) or a plain PyTorch function (`freeze_bn`); each frozen BN right after a conv is computed inside it (`fuse_frozen_bn`).
 
 Docs: https://fastfold.github.io/fastfold/freeze.html.md"""
 
@@ -224,6 +224,7 @@ class FreezeBN(Callback):
             raise ValueError('`head=True` chooses BN by parameter group and `modules` chooses the parts of the model: pass one or the other')
         store_attr()
         self.frozen = self.error = self.fusion = None
+        self.pairs_read = False
 
     def _filter(self):
         "`bn_filter`, and by default (no `modules`, `head=False`) only the BN whose parameters are not in the last of several parameter groups"
@@ -239,7 +240,7 @@ class FreezeBN(Callback):
 
     def before_fit(self):
         self.restore()   # if an error ended the last fit, no fastai event ran after it: its flags are given back now
-        self.error = self.fusion = None
+        self.error,self.pairs_read = None,False   # `fusion` stays, for its report, until this fit reads the pairs again
         try: self.frozen = freeze_bn(self.model, self.modules, self._filter(), self.stop_grads)
         except ValueError as e: self.error = e   # raised at `before_train`: see below
 
@@ -253,7 +254,7 @@ class FreezeBN(Callback):
         # pairs read on the fit's first training batch (the model is wrapped in DDP by now: `fuse_frozen_bn` reads its
         # `.module`); fused for this batch's forward only, before `MixedPrecision` (order 10) starts autocast
         if not (self.fuse and self.training): return
-        if self.fusion is None: self.fusion = fuse_frozen_bn(self.learn.model, self.frozen, self.xb)
+        if not self.pairs_read: self.fusion,self.pairs_read = fuse_frozen_bn(self.learn.model, self.frozen, self.xb),True
         self.fusion.on()
     def after_batch(self):
         if self.fusion is not None: self.fusion.off()   # a batch cancelled before its forward
@@ -261,7 +262,7 @@ class FreezeBN(Callback):
 
     @property
     def fused(self) -> list[str]:
-        "Names of the frozen BN computed inside the layer before them in this fit's (or the last fit's) training batches"
+        "Names of the frozen BN computed inside the layer before them in the training batches of this fit (or of the last fit that trained)"
         return self.fusion.fused if self.fusion is not None else []
 
     def restore(self):

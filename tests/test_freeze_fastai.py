@@ -315,6 +315,7 @@ def test_timm_model_via_vision_learner():
     probe = check_frozen_fit(learn, lambda: learn.fine_tune(1, freeze_epochs=1),
                              unused=('0.model.conv_head.weight', '0.model.conv_head.bias'))
     assert BatchNormAct2d in probe.types
+    assert len(fused_in(learn)) == len(freezable_bn_layers(learn.model[0]))   # every BN of the timm body, fused into its conv
 
 def test_lr_find(tmp_path):
     "`lr_find` trains (then reloads its saved weights) with BN frozen, and ends with the flags given back"

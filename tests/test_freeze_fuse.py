@@ -62,10 +62,10 @@ class Record(Callback):
     def after_backward(self):
         if self.grads is None: self.grads = {n: p.grad.clone() for n,p in self.learn.model.named_parameters() if p.grad is not None}
 
-def fit(model_fn, fuse, cbs=(), n_epochs=1, lr=0.05, **kwargs):
+def fit(model_fn, fuse, cbs=(), n_epochs=1, lr=0.05, stop_grads=True, **kwargs):
     "A `Learner` with SGD on `model_fn()` and `FreezeBN(fuse=fuse)`, after `fit(n_epochs)`"
     learn = Learner(image_dls(), model_fn(), loss_func=CrossEntropyLossFlat(), opt_func=SGD, lr=lr, splitter=body_head,
-                    cbs=[FreezeBN(fuse=fuse), Record(), *cbs], **kwargs)
+                    cbs=[FreezeBN(fuse=fuse, stop_grads=stop_grads), Record(), *cbs], **kwargs)
     torch.manual_seed(0)
     learn.fit(n_epochs)
     return learn
@@ -270,6 +270,7 @@ def test_export_during_and_after_a_fused_fit(tmp_path):
     assert learn.fold_on_export.report.left == [] and len(learn.fold_on_export.report.folded) == 3
     assert learn.freeze_bn.fused == ['0.1', '0.4']
     loss = learn.validate()[0]
+    assert learn.freeze_bn.fused == ['0.1', '0.4']   # `validate` runs `before_fit` too, but trains nothing: the report stays
     learn.fold()
     assert len(freezable_bn_layers(learn.model)) == 0
     assert abs(learn.validate()[0] - loss) < 1e-4
@@ -326,3 +327,44 @@ def test_cpu_bf16_autocast_and_channels_last(channels_last):
 
 def test_fuse_argument():
     with pytest.raises(TypeError, match='`fuse`'): FreezeBN(fuse='yes')
+
+def transpose_linear_net():
+    "A grouped ConvTranspose2d -> BN2d and a Linear -> BatchNorm1d pair (the other weight layouts), in the body"
+    torch.manual_seed(0)
+    return pretend_pretrained(nn.Sequential(
+        nn.Sequential(nn.Conv2d(3,8,3,stride=2,padding=1), nn.ReLU(), nn.ConvTranspose2d(8,8,2,stride=2,groups=2), nn.BatchNorm2d(8), nn.ReLU(),
+                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8,6,bias=False), nn.BatchNorm1d(6), nn.ReLU()),
+        nn.Sequential(nn.Linear(6,2))))
+
+@pytest.mark.parametrize('stop_grads', [True, False])
+def test_conv_transpose_and_linear_pairs(stop_grads):
+    "ConvTranspose and Linear pairs fused, the fit equal to unfused; with `stop_grads=False` the BN's own weight and bias train through the fused layer alike"
+    fused,unfused = fit(transpose_linear_net, True, stop_grads=stop_grads),fit(transpose_linear_net, False, stop_grads=stop_grads)
+    assert fused.freeze_bn.fused == ['0.3', '0.8']
+    check_same_fit(fused, unfused)
+    bn_w = fused.model[0][3].weight
+    assert torch.equal(bn_w, transpose_linear_net()[0][3].weight) == stop_grads   # trained only with `stop_grads=False`
+
+def test_not_fused_in_data_parallel_or_with_an_instance_forward():
+    "`nn.DataParallel` copies each module's `__dict__` to its replicas; a module with its own instance `forward` is someone else's"
+    model = conv_bn_net()
+    frozen = freeze_bn(model)
+    fusion = fuse_frozen_bn(nn.DataParallel(model), frozen)
+    assert fusion.fused == [] and 'DataParallel' in fusion.left[0].reason and len(fusion.left) == 3
+    model[0][0].forward = model[0][0].forward   # e.g. a library's patch
+    fusion = fuse_frozen_bn(model, frozen)
+    assert fusion.fused == ['0.4', '1.3'] and 'instance `forward`' in fusion.report()
+    frozen.restore()
+
+def test_error_before_the_forward_left_until_restore():
+    "An error raised by a later callback's `before_batch` (fusing on, no forward): the forwards stay until `restore()` or the next fit"
+    class BoomBeforeBatch(Callback):
+        order = 50
+        def before_batch(self):
+            if self.training: raise RuntimeError('boom')
+    learn = Learner(image_dls(), conv_bn_net(), loss_func=CrossEntropyLossFlat(), splitter=body_head, cbs=[FreezeBN()])
+    before = module_state(learn.model)
+    with pytest.raises(RuntimeError, match='boom'): learn.fit(1, cbs=BoomBeforeBatch())
+    assert sum('forward' in vars(m) for m in learn.model.modules()) == 5   # 2 layers, 2 BN, the model
+    learn.freeze_bn.restore()
+    assert same_state(module_state(learn.model), before)
