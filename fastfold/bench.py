@@ -191,8 +191,8 @@ def report(df:pd.DataFrame, machine:str, tol:float=0.02) -> str:
 @call_parse
 def fastfold_bench(
     *models:str, # torchvision or timm model names, or fastai learner `.pkl` files, loaded through fastfold's checking loader (default: resnet18 mobilenet_v2 resnet50)
-    bs:Annotated[int, 'batch sizes', {'nargs': '+'}]=DEFAULT_BS,
-    size:Annotated[int, 'input sizes (square images)', {'nargs': '+'}]=DEFAULT_SIZES,
+    bs:Annotated[int, 'batch sizes (default: 1 32; with --train: 16)', {'nargs': '+'}]=None,
+    size:Annotated[int, 'input sizes, square images (default: 160; with --train: 128)', {'nargs': '+'}]=None,
     device:str='cpu', # cpu or cuda
     reps:int=5, # timed repetitions, every variant in each
     warmup:int=2, # untimed calls of each variant before timing
@@ -205,12 +205,17 @@ def fastfold_bench(
     no_progress:bool=False, # hide the progress bar
     trust:bool=False, # load learner files with Python's pickle, as fastai does, not through fastfold's checking loader (its allowlist): only files from a source you trust
     Import:Annotated[str, "your own module a learner file may name (its model's), imported first; repeat for more", {'action': 'append'}]=None,
+    train:bool=False, # time a fine-tuning step instead: fastai's default, FreezeBN(fuse=False) and FreezeBN(fuse=True), with the bytes kept for backward
 ):
-    "Benchmark BatchNorm folding: original, fastfold, fx_fuse and no_bn (the floor), interleaved, on this machine"
+    "Benchmark BatchNorm folding: original, fastfold, fx_fuse and no_bn (the floor), interleaved, on this machine; `--train`: a fine-tuning step with and without FreezeBN and its fuse"
     try:
         for opt,p in (('--csv', csv), ('--plot', plot)):
             if p and not Path(p).resolve().parent.is_dir(): raise BenchError(f'{opt} {p}: no folder {Path(p).parent}')
-        df = bench(models or DEFAULT_MODELS, bs, size, device, reps, warmup, min_time, fold_reps, compiled, seed, not no_progress, trust, Import or ())
+        if train: # the fine-tuning mode builds on this module (`fastfold.bench_train`): imported when asked for
+            if compiled or trust or Import: raise BenchError('--train builds learners from model names: --compiled, --trust and --import are for inference')
+            from fastfold.bench_train import bench_train_cli
+            return bench_train_cli(models, bs, size, device, reps, warmup, min_time, seed, not no_progress, csv, plot, machine_info(device))
+        df = bench(models or DEFAULT_MODELS, bs or DEFAULT_BS, size or DEFAULT_SIZES, device, reps, warmup, min_time, fold_reps, compiled, seed, not no_progress, trust, Import or ())
     except BenchError as e: raise CliError(f'fastfold-bench: error: {str(e).replace(TRUST, "pass --trust to load a file from a source you trust")}') from None
     print(report(df, machine_info(device)))
     if csv: write_csv(df, csv); print(f'wrote {csv}')

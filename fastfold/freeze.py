@@ -1,4 +1,4 @@
-"""Freeze BatchNorm while fine-tuning: eval mode in every training epoch and no gradients, with a fastai callback (`FreezeBN`) or a plain PyTorch function (`freeze_bn`).
+"""Freeze BatchNorm while fine-tuning: eval mode in every training epoch and no gradients, with a fastai callback (`FreezeBN`) or a plain PyTorch function (`freeze_bn`); each frozen BN right after a conv is computed inside it (`fuse_frozen_bn`).
 
 Docs: https://fastfold.github.io/fastfold/freeze.html.md"""
 
@@ -8,15 +8,20 @@ Docs: https://fastfold.github.io/fastfold/freeze.html.md"""
 from __future__ import annotations
 from typing import Callable, Iterable
 from warnings import warn
+import torch
 from torch import nn
-from .layers import bn_trains
+from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
+from .core import one_line
+from .layers import bn_trains, bn_eps, bn_flavour
+from .pairs import find_pairs, FoldedPair, LeftBN
+from .fold import bn_scale_shift, fold_bn_after, _eval_mode
 from fastcore.basics import store_attr
 from fastcore.foundation import L
 from .core import quiet_fastai_import
 with quiet_fastai_import(): from fastai.callback.core import Callback, TrainEvalCallback
 
 # %% auto #0
-__all__ = ['freezable_bn_layers', 'FrozenBNLayers', 'freeze_bn', 'FreezeBN']
+__all__ = ['freezable_bn_layers', 'FrozenBNLayers', 'freeze_bn', 'fuse_problem', 'FusedBNLayers', 'fuse_frozen_bn', 'FreezeBN']
 
 # %% ../nbs/03_freeze.ipynb #afc11be3
 def freezable_bn_layers(model:nn.Module, # Model to search
@@ -38,10 +43,14 @@ class FrozenBNLayers:
         for p in self.grads_stopped: p.requires_grad_(False); p.grad = None
         self.set_eval()
 
+    def __contains__(self, bn:nn.Module) -> bool:
+        "Is `bn` one of the frozen layers, or a `SyncBatchNorm` copy of one (it shares its tensors)?"
+        return bool(self._ids & {id(bn), *_tensor_ids(bn)})
+
     def set_eval(self):
         "Put the frozen layers, and their `SyncBatchNorm` copies in `model`, in eval mode (not their children)"
         for bn in freezable_bn_layers(self.model):
-            if self._ids & {id(bn), *_tensor_ids(bn)}: bn.training = False
+            if bn in self: bn.training = False
 
     def restore(self, modes:bool=True # Also give each layer back the train/eval mode it had
                ):
@@ -96,6 +105,107 @@ def freeze_bn(model:nn.Module, # Model whose BatchNorm layers are frozen
              'batch statistics even in eval mode, so only their gradients can be frozen.')
     return FrozenBNLayers(model, layers, stop_grads)
 
+# %% ../nbs/03_freeze.ipynb #0e0981fd
+def fuse_problem(pair:FoldedPair, # a pair from `find_pairs`
+                 layer:nn.Module, # `pair.layer` in the model
+                 bn:nn.Module, # `pair.bn` in the model
+                )->str|None:
+    "Why `fuse_frozen_bn` leaves the pair `layer -> bn` unfused, or `None`"
+    if pair.where != 'after': return f'it folds into `{pair.layer}` after it; only a BN right after its layer is fused'
+    if pair.parts or pair.through or pair.via:
+        return f'it reaches `{pair.layer}` through {", ".join(f"`{o}`" for o in pair.through) or "other layers"}; only a BN right after its layer is fused'
+    if not isinstance(layer, (_ConvNd, nn.Linear)): return f'`{pair.layer}` is not a Conv, ConvTranspose or Linear'
+    if bn.training: return 'it is in train mode'
+    if 'forward' in vars(layer) or 'forward' in vars(bn): return f'`{pair.layer}` or the BN already has an instance `forward`'
+    if not {'weight', 'bias'} <= set(layer._parameters): return f'`{pair.layer}` has no registered `weight` and `bias`'
+    if layer.weight.device.type == 'mps': return 'the model is on mps, which has no float64 for the scale'
+    return None
+
+class _FusedPair:
+    "One `layer -> bn` pair computed as one layer: the layer's `forward` with `fold_bn_after`'s weight and bias, the BN's tail"
+    def __init__(self, pair:FoldedPair, layer:nn.Module, bn:nn.Module):
+        self.pair,self.layer,self.bn,self.eps,self.tail = pair,layer,bn,bn_eps(bn),bn_flavour(bn).tail(bn)
+        self.transposed,self.groups = isinstance(layer, _ConvTransposeNd),getattr(layer, 'groups', 1)
+        self.forwards = {} # module -> the bound method set as its `forward` (while on)
+
+    def layer_forward(self, *args, **kwargs):
+        layer,bn,ps = self.layer,self.bn,self.layer._parameters
+        if bn.training: return type(layer).forward(layer, *args, **kwargs) # a BN in train mode: nothing to fuse
+        w,b = ps['weight'],ps['bias']
+        scale,shift = (t.to(w.dtype) for t in bn_scale_shift(bn.running_mean, bn.running_var, self.eps, bn.weight, bn.bias))
+        ps['weight'],ps['bias'] = fold_bn_after(w, b, scale, shift, self.transposed, self.groups)
+        try: return type(layer).forward(layer, *args, **kwargs)
+        finally: ps['weight'],ps['bias'] = w,b
+
+    def bn_forward(self, x): return type(self.bn).forward(self.bn, x) if self.bn.training else self.tail(x)
+
+    def on(self):
+        self.forwards = {self.layer: self.layer_forward, self.bn: self.bn_forward}
+        for m,f in self.forwards.items(): vars(m)['forward'] = f
+    def off(self):
+        for m,f in self.forwards.items():
+            if vars(m).get('forward') is f: del vars(m)['forward']
+        self.forwards = {}
+
+class FusedBNLayers:
+    "The `layer -> BN` pairs of `model` that `on()` computes as one layer until the end of the model's next forward, and the frozen BN left, with why"
+    def __init__(self, model:nn.Module, pairs:list, left:list[LeftBN]):
+        store_attr()
+        self._forward = None # the model's own instance `forward`, while on
+
+    @property
+    def fused(self) -> list[str]:
+        "The names of the BN computed inside the layer before them"
+        return [p.pair.bn for p in self.pairs]
+
+    def on(self):
+        "Compute each pair as one layer until `model`'s next forward ends (by an error too), or until `off()`"
+        if self._forward is not None or not self.pairs: return
+        model = self.model
+        def forward(*args, **kwargs):
+            try: return type(model).forward(model, *args, **kwargs)
+            finally: self.off()
+        for p in self.pairs: p.on()
+        self._forward = vars(model)['forward'] = forward
+
+    def off(self):
+        "Give every layer, BN and the model back its class's `forward` (the model is exactly the unfused one again)"
+        for p in self.pairs: p.off()
+        if self._forward is not None and vars(self.model).get('forward') is self._forward: del vars(self.model)['forward']
+        self._forward = None
+
+    def __enter__(self): self.on(); return self
+    def __exit__(self, *exc): self.off()
+    def __repr__(self): return f'{type(self).__name__}({len(self.pairs)} of {len(self.pairs)+len(self.left)} frozen BN fused)'
+    def report(self) -> str:
+        "Which frozen BN are computed inside which layer, and why the others are not"
+        return '\n'.join([repr(self), *[f'  fused `{p.pair.bn}` into `{p.pair.layer}`' for p in self.pairs],
+                          *[f'  not fused `{l.bn}`: {l.reason}' for l in self.left]])
+
+def fuse_frozen_bn(model:nn.Module, # the model whose BN `frozen` holds (a `DistributedDataParallel` is read through `.module`)
+                   frozen:FrozenBNLayers, # what `freeze_bn` froze: only these BN are fused
+                   sample:tuple|None=None, # positional inputs of the model, for the pair finder where fx cannot trace it
+                  )->FusedBNLayers:
+    "The frozen BN of `model` that fold exactly into the layer before them, to compute inside it while training (`on()`, or `with`)"
+    if isinstance(model, nn.parallel.DistributedDataParallel): model = model.module
+    names = [n for n,m in model.named_modules() if bn_trains(m) and m in frozen]
+    if isinstance(model, nn.DataParallel):
+        return FusedBNLayers(model, [], [LeftBN(n, 'the model is in nn.DataParallel, whose replicas would call the original layers') for n in names])
+    if 'forward' in vars(model): return FusedBNLayers(model, [], [LeftBN(n, 'the model already has an instance `forward`') for n in names])
+    try:
+        with torch.no_grad(), _eval_mode(model): pairs,left,_ = find_pairs(model, None, sample)
+    except Exception as e:
+        warn(f'FreezeBN could not read the pairs of {type(model).__name__}, so it computes every frozen BN as a layer of its own: {one_line(e)}')
+        return FusedBNLayers(model, [], [LeftBN(n, f'the pairs could not be read: {one_line(e)}') for n in names])
+    found = {p.bn: p for p in pairs} | {l.bn: l for l in left}
+    fused,left = [],[]
+    for n in names:
+        p = found.get(n, LeftBN(n, 'the pair finder did not see it'))
+        why = p.reason if isinstance(p, LeftBN) else fuse_problem(p, model.get_submodule(p.layer), model.get_submodule(n))
+        if why: left.append(LeftBN(n, why))
+        else: fused.append(_FusedPair(p, model.get_submodule(p.layer), model.get_submodule(n)))
+    return FusedBNLayers(model, fused, left)
+
 # %% ../nbs/03_freeze.ipynb #49feb9b2
 class FreezeBN(Callback):
     "Keep BatchNorm in eval mode with frozen `weight`/`bias` in every training epoch of a fit: by default every BN but those in the last of several parameter groups (the new head)"
@@ -105,13 +215,16 @@ class FreezeBN(Callback):
         bn_filter:Callable[[str,nn.Module],bool]|None=None, # Only freeze the BN layers for which `bn_filter(name, bn)` is true
         stop_grads:bool=True, # Also stop the gradients of `weight`/`bias`; `False` freezes only the statistics
         head:bool=False, # Without `modules`: also freeze the BN of the learner's last parameter group when it has several
+        fuse:bool=True, # In training batches, compute each frozen BN inside the Conv/Linear before it (`fuse_frozen_bn`): the same math, less memory
     ):
         modules = _check_args(modules, bn_filter, stop_grads)
         if not isinstance(head, bool): raise TypeError(f'`head` must be True or False, got {head!r}')
+        if not isinstance(fuse, bool): raise TypeError(f'`fuse` must be True or False, got {fuse!r}')
         if head and modules is not None:
             raise ValueError('`head=True` chooses BN by parameter group and `modules` chooses the parts of the model: pass one or the other')
         store_attr()
-        self.frozen = self.error = None
+        self.frozen = self.error = self.fusion = None
+        self.pairs_read = False
 
     def _filter(self):
         "`bn_filter`, and by default (no `modules`, `head=False`) only the BN whose parameters are not in the last of several parameter groups"
@@ -127,7 +240,7 @@ class FreezeBN(Callback):
 
     def before_fit(self):
         self.restore()   # if an error ended the last fit, no fastai event ran after it: its flags are given back now
-        self.error = None
+        self.error,self.pairs_read = None,False   # `fusion` stays, for its report, until this fit reads the pairs again
         try: self.frozen = freeze_bn(self.model, self.modules, self._filter(), self.stop_grads)
         except ValueError as e: self.error = e   # raised at `before_train`: see below
 
@@ -136,9 +249,24 @@ class FreezeBN(Callback):
         # (a learner folded by `learn.fold()` has none) is an error only once training starts, before its first step
         if self.frozen is None: raise self.error or RuntimeError('FreezeBN froze nothing at `before_fit`')
         self.frozen.set_eval()
+
+    def before_batch(self):
+        # pairs read on the fit's first training batch (the model is wrapped in DDP by now: `fuse_frozen_bn` reads its
+        # `.module`); fused for this batch's forward only, before `MixedPrecision` (order 10) starts autocast
+        if not (self.fuse and self.training): return
+        if not self.pairs_read: self.fusion,self.pairs_read = fuse_frozen_bn(self.learn.model, self.frozen, self.xb),True
+        self.fusion.on()
+    def after_batch(self):
+        if self.fusion is not None: self.fusion.off()   # a batch cancelled before its forward
     def after_fit(self): self.restore()
 
+    @property
+    def fused(self) -> list[str]:
+        "Names of the frozen BN computed inside the layer before them in the training batches of this fit (or of the last fit that trained)"
+        return self.fusion.fused if self.fusion is not None else []
+
     def restore(self):
-        "Give back the `requires_grad` flags this fit turned off (done at `after_fit`, and at the next `before_fit` after an error)"
+        "Stop fusing and give back the `requires_grad` flags this fit turned off (done at `after_fit`, and at the next `before_fit` after an error)"
+        if self.fusion is not None: self.fusion.off()
         if self.frozen is not None: self.frozen.restore(modes=False)
         self.frozen = None

@@ -1,8 +1,9 @@
 """One rank of the two-process DDP test of `FreezeBN` (see `test_freeze_ddp.py`).
 
 Run as `torchrun --nproc_per_node 2 ddp_freeze_worker.py OUT_DIR`: trains a tiny Learner for one epoch with
-`FreezeBN()` inside `learn.distrib_ctx(sync_bn=False, cpu=True)` (accelerate then uses gloo on CPU) and saves what the
-test checks to `OUT_DIR/rank{RANK}.pt`.
+`FreezeBN()` (which fuses by default) inside `learn.distrib_ctx(sync_bn=False, cpu=True)` (accelerate then uses gloo on
+CPU), then the same fit from the same weights and data with `FreezeBN(fuse=False)`, and saves what the test checks to
+`OUT_DIR/rank{RANK}.pt`. (`sync_bn=True` needs GPUs: DDP refuses `SyncBatchNorm` on CPU.)
 """
 import os, sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from fastai.data.core import DataLoaders
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.callback.core import Callback
+from fastai.torch_core import set_seed
 from fastai.distributed import DistributedDL  # also patches `Learner.distrib_ctx`
 from fastfold.freeze import FreezeBN, freezable_bn_layers
 
@@ -55,9 +57,19 @@ def synth_dls():
         return TensorDataset(x, (x[:,0].mean((1,2)) > x[:,1].mean((1,2))).long())
     return DataLoaders.from_dsets(ds(64), ds(16), bs=4, device='cpu')
 
+def unfused_fit():
+    "The same fit from the same weights and data: the final state_dict, what FreezeBN fused, any `forward` left on a module"
+    set_seed(0)
+    model = tiny_net()
+    learn = Learner(synth_dls(), model, loss_func=CrossEntropyLossFlat(), lr=1e-2, cbs=FreezeBN(fuse=False))
+    with learn.distrib_ctx(sync_bn=False, cpu=True): learn.fit(1)
+    return dict(after={k:v.clone() for k,v in learn.model.state_dict().items()}, fused=learn.freeze_bn.fused,
+                forward_left=any('forward' in vars(m) for m in learn.model.modules()))
+
 if __name__ == '__main__':
     out,rank = Path(sys.argv[1]),int(os.environ['RANK'])
     torch.set_num_threads(1)
+    set_seed(0)
     model = tiny_net()
     bn_param_ids = {id(p) for bn in freezable_bn_layers(model) for p in bn.parameters()}
     probe = DDPProbe()
@@ -72,5 +84,7 @@ if __name__ == '__main__':
                     n_ddp_params=len(probe.ddp_params), n_params=len(list(model.parameters())),
                     ddp_has_bn_params=bool(probe.ddp_params & bn_param_ids),
                     flags_restored=[p.requires_grad for p in learn.model.parameters()] == flags0,
-                    unwrapped=learn.model is model),
+                    unwrapped=learn.model is model, fused=learn.freeze_bn.fused,
+                    forward_left=any('forward' in vars(m) for m in learn.model.modules()),
+                    unfused=unfused_fit()),
                out/f'rank{rank}.pt')

@@ -1,4 +1,4 @@
-"`FreezeBN` under real two-process DistributedDataParallel on CPU (gloo), through fastai's `learn.distrib_ctx()`."
+"`FreezeBN` under real two-process DistributedDataParallel on CPU (gloo), through fastai's `learn.distrib_ctx()`, fused and not."
 import os, subprocess, sys
 from pathlib import Path
 import pytest, torch
@@ -44,3 +44,14 @@ def test_other_weights_trained_in_sync(ranks):
     for k in others:
         assert not torch.equal(r0['before'][k], r0['after'][k]), k
         assert torch.equal(r0['after'][k], r1['after'][k]), k
+
+def rel(a, b): return ((a.double()-b.double()).norm()/b.double().norm().clamp_min(1e-30)).item()
+
+def test_fused_fit_equals_unfused_under_ddp(ranks):
+    "Fused (the default) and `fuse=False` from the same weights and data: the same weights to float32 rounding, nothing left on the model"
+    for r in ranks:
+        assert r['fused'] == ['1', '4'] and r['unfused']['fused'] == []   # the BatchNorm1d follows a Flatten: not fused
+        assert not (r['forward_left'] or r['unfused']['forward_left'])
+        for k,v in r['after'].items():
+            if v.is_floating_point(): assert rel(v, r['unfused']['after'][k]) < 1e-5, k
+    assert any(not torch.equal(ranks[0]['before'][k], v) for k,v in ranks[0]['unfused']['after'].items()), 'the unfused fit trained'

@@ -1,4 +1,4 @@
-"`FreezeBN` against the heavier fastai machinery: its default on `vision_learner`, `unet_learner` and a one-group `Learner`, `fine_tune`, one-cycle, mixed precision, gradient accumulation, channels last, SyncBatchNorm and timm's BatchNormAct2d."
+"`FreezeBN` against the heavier fastai machinery: its default on `vision_learner`, `unet_learner` and a one-group `Learner`, `fine_tune`, one-cycle, mixed precision, gradient accumulation, channels last, SyncBatchNorm and timm's BatchNormAct2d; with and without `fuse` where fusing touches the same machinery."
 import warnings
 import pytest, torch
 from torch import nn
@@ -76,11 +76,11 @@ def other_params(model):
 
 def flags(model): return [p.requires_grad for p in model.parameters()]
 
-def check_frozen_fit(learn, fit, bn_model=None, changed=True, unused=()):
-    "Run `fit` and check every BN of `bn_model` stayed frozen, the other weights moved and the flags came back"
+def check_frozen_fit(learn, fit, bn_model=None, changed=True, unused=(), n_fused=None):
+    "Run `fit` and check every BN of `bn_model` stayed frozen, the other weights moved, the flags came back, `n_fused` BN were fused"
     probe = BNProbe(bn_model)
     bn_model = ifnone(bn_model, learn.model)
-    learn.add_cb(probe)
+    learn.add_cb(probe); learn.add_cb(KeepFreezeBN()); _last_freeze_bn.clear()
     bn0,other0,flags0 = bn_tensors(bn_model),other_params(learn.model),flags(learn.model)
     assert len(bn0) > 0
     fit()
@@ -91,10 +91,22 @@ def check_frozen_fit(learn, fit, bn_model=None, changed=True, unused=()):
         unchanged = [n for (n,a),(_,b) in zip(other_params(learn.model), other0) if torch.equal(a, b) and n not in unused]
         assert not unchanged, f'weights that did not train: {unchanged}'
     assert flags(learn.model) == flags0
-    learn.remove_cb(probe)
+    assert not any('forward' in vars(m) for m in learn.model.modules()), 'a fused forward was left on the model'
+    if n_fused is not None: assert len(fused_in(learn)) == n_fused, fused_in(learn)
+    learn.remove_cb(probe); learn.remove_cb(learn.keep_freeze_bn)
     return probe
 
-def check_body_frozen_head_live(learn, fit, body, head_bns):
+_last_freeze_bn = []
+class KeepFreezeBN(Callback):
+    "Keep the `FreezeBN` of the last fit, even one passed to `fit(cbs=...)` (removed after the fit)"
+    order = 90
+    def after_fit(self): _last_freeze_bn[:] = [cb for cb in self.learn.cbs if isinstance(cb, FreezeBN)]
+
+def fused_in(learn):
+    "The BN the last fit's `FreezeBN` fused"
+    return _last_freeze_bn[0].fused if _last_freeze_bn else []
+
+def check_body_frozen_head_live(learn, fit, body, head_bns, n_fused=None):
     "Run `fit`: every BN of `body` frozen (eval mode, bit-identical, no grads), the BN layers `head_bns` live and learning"
     head0 = [t.clone() for bn in head_bns for t in (bn.weight, bn.running_mean)]
     head_modes = []
@@ -102,18 +114,19 @@ def check_body_frozen_head_live(learn, fit, body, head_bns):
         order = 50
         def after_pred(self):
             if self.training: head_modes.extend(bn.training for bn in head_bns)
-    probe = check_frozen_fit(learn, lambda: fit(HeadProbe()), bn_model=body, changed=False)
+    probe = check_frozen_fit(learn, lambda: fit(HeadProbe()), bn_model=body, changed=False, n_fused=n_fused)
     assert head_bns and head_modes and all(head_modes), 'a BN of the last parameter group was frozen'
     assert not any(torch.equal(a, b) for a,b in zip([t for bn in head_bns for t in (bn.weight, bn.running_mean)], head0))
     return probe
 
-def test_vision_learner_default_freezes_body_not_head():
-    "`FreezeBN()` on a `vision_learner`: the body's BN frozen in both fits of `fine_tune`, the new head's `BatchNorm1d` live"
-    learn = vision_learner(image_dls(), resnet18, pretrained=False, n_out=2, loss_func=CrossEntropyLossFlat(), cbs=FreezeBN())
+@pytest.mark.parametrize('fuse', [True, False])
+def test_vision_learner_default_freezes_body_not_head(fuse):
+    "`FreezeBN()` on a `vision_learner`: the body's BN frozen (and fused) in both fits of `fine_tune`, the new head's `BatchNorm1d` live"
+    learn = vision_learner(image_dls(), resnet18, pretrained=False, n_out=2, loss_func=CrossEntropyLossFlat(), cbs=FreezeBN(fuse=fuse))
     pretend_pretrained(learn.model)
     head_bns = list(freezable_bn_layers(learn.model[1]))
     assert len(head_bns) == 2 and len(freezable_bn_layers(learn.model[0])) == 20
-    check_body_frozen_head_live(learn, lambda cb: learn.fine_tune(1, freeze_epochs=1, cbs=cb), learn.model[0], head_bns)
+    check_body_frozen_head_live(learn, lambda cb: learn.fine_tune(1, freeze_epochs=1, cbs=cb), learn.model[0], head_bns, 20 if fuse else 0)
     assert all(flags(learn.model))
 
 def test_vision_learner_freeze_unfreeze_between_fits():
@@ -145,17 +158,18 @@ def seg_dls(n=8, bs=4, size=32, seed=0):
         return TensorDataset(x, (x[:,0] > x[:,1]).long())
     return DataLoaders.from_dsets(ds(n), ds(n//2), bs=bs, device='cpu')
 
-def test_unet_learner_default_freezes_encoder_not_decoder():
-    "`unet_learner` splits a ResNet in three groups, the new decoder last: its BN stay live, the encoder's are frozen"
+@pytest.mark.parametrize('fuse', [True, False])
+def test_unet_learner_default_freezes_encoder_not_decoder(fuse):
+    "`unet_learner` splits a ResNet in three groups, the new decoder last: its BN stay live, the encoder's are frozen (and fused)"
     learn = unet_learner(seg_dls(), resnet18, pretrained=False, n_out=2, normalize=False,
-                         loss_func=CrossEntropyLossFlat(axis=1), cbs=FreezeBN())
+                         loss_func=CrossEntropyLossFlat(axis=1), cbs=FreezeBN(fuse=fuse))
     pretend_pretrained(learn.model)
     assert len(learn.splitter(learn.model)) == 3
     encoder = learn.model[0]
     enc_ids = {id(bn) for bn in freezable_bn_layers(encoder)}
     decoder_bns = [bn for bn in freezable_bn_layers(learn.model) if id(bn) not in enc_ids]
     assert len(enc_ids) == 20 and len(decoder_bns) > 0
-    check_body_frozen_head_live(learn, lambda cb: learn.fine_tune(1, freeze_epochs=1, cbs=cb), encoder, decoder_bns)
+    check_body_frozen_head_live(learn, lambda cb: learn.fine_tune(1, freeze_epochs=1, cbs=cb), encoder, decoder_bns, 20 if fuse else 0)
 
 def test_one_group_learner_freezes_every_bn():
     "A plain `Learner` (fastai's default splitter: one parameter group) keeps the old behaviour: every BN frozen, the head's too"
@@ -190,10 +204,11 @@ def test_vision_learner_body_only():
     assert len(freezable_bn_layers(learn.model[1])) == 2 and head_probe.modes and all(head_probe.modes)
     assert not any(torch.equal(a, b) for a,b in zip(bn_tensors(learn.model[1]), head0) if a.dtype.is_floating_point)
 
-def test_fit_one_cycle_with_weight_decay():
+@pytest.mark.parametrize('fuse', [True, False])
+def test_fit_one_cycle_with_weight_decay(fuse):
     "`fit_one_cycle` with weight decay on BN parameters too: still bit-identical"
-    learn = conv_learner(cbs=FreezeBN(head=True), wd=0.1, wd_bn_bias=True)
-    check_frozen_fit(learn, lambda: learn.fit_one_cycle(2))
+    learn = conv_learner(cbs=FreezeBN(head=True, fuse=fuse), wd=0.1, wd_bn_bias=True)
+    check_frozen_fit(learn, lambda: learn.fit_one_cycle(2), n_fused=2 if fuse else 0)
 
 def test_train_bn_false_and_freeze():
     "`freeze()` with `train_bn=False`: fastai freezes the body BN, FreezeBN the head BN; flags come back as fastai set them"
@@ -228,31 +243,34 @@ class CPUAutocast(Callback):
     def after_pred(self): self.learn.pred = self.pred.float()
     def after_loss(self): self.autocast.__exit__(None, None, None)
 
-def test_cpu_bf16_autocast():
+@pytest.mark.parametrize('fuse', [True, False])
+def test_cpu_bf16_autocast(fuse):
     "Real bfloat16 mixed precision on CPU (torch's CPU autocast, since fastai's only autocasts on CUDA)"
-    learn = conv_learner(cbs=[FreezeBN(head=True), CPUAutocast()])
-    assert _amp_active(learn, lambda: check_frozen_fit(learn, lambda: learn.fit_one_cycle(1)))
+    learn = conv_learner(cbs=[FreezeBN(head=True, fuse=fuse), CPUAutocast()])
+    # `_amp_active`'s hook on the first conv keeps that pair unfused (the pair finder leaves a hooked layer): the second is fused
+    assert _amp_active(learn, lambda: check_frozen_fit(learn, lambda: learn.fit_one_cycle(1), n_fused=1 if fuse else 0))
 
 def test_gradient_accumulation():
     learn = conv_learner(cbs=[FreezeBN(head=True), GradientAccumulation(n_acc=16)])
-    check_frozen_fit(learn, lambda: learn.fit(1))
+    check_frozen_fit(learn, lambda: learn.fit(1), n_fused=2)
 
-def test_channels_last():
-    learn = conv_learner(cbs=FreezeBN(head=True)).to_channelslast(use_amp=False)
+@pytest.mark.parametrize('fuse', [True, False])
+def test_channels_last(fuse):
+    learn = conv_learner(cbs=FreezeBN(head=True, fuse=fuse)).to_channelslast(use_amp=False)
     formats = []
     class Fmt(Callback):
         def after_pred(self): formats.append(self.learn.model[0][0].weight.is_contiguous(memory_format=torch.channels_last))
-    check_frozen_fit(learn, lambda: learn.fit(1, cbs=Fmt()))
+    check_frozen_fit(learn, lambda: learn.fit(1, cbs=Fmt()), n_fused=2 if fuse else 0)
     assert formats and all(formats)
 
 def test_affine_false():
     learn = conv_learner(conv_bn_net(affine=False), cbs=FreezeBN(head=True))
-    check_frozen_fit(learn, lambda: learn.fine_tune(1, freeze_epochs=1))
+    check_frozen_fit(learn, lambda: learn.fine_tune(1, freeze_epochs=1), n_fused=2)
 
 def test_sync_batchnorm_model():
     "A model whose BN is `SyncBatchNorm` (single process: in eval mode it runs on CPU)"
     learn = conv_learner(nn.SyncBatchNorm.convert_sync_batchnorm(conv_bn_net()), cbs=FreezeBN(head=True))
-    probe = check_frozen_fit(learn, lambda: learn.fit_one_cycle(1))
+    probe = check_frozen_fit(learn, lambda: learn.fit_one_cycle(1), n_fused=2)
     assert probe.types == {nn.SyncBatchNorm}
 
 class ConvertSyncBN(Callback):
@@ -263,7 +281,7 @@ class ConvertSyncBN(Callback):
 def test_bn_converted_to_sync_bn_during_before_fit():
     "BN replaced by new `SyncBatchNorm` modules after FreezeBN's `before_fit` is still frozen"
     learn = conv_learner(cbs=[FreezeBN(head=True), ConvertSyncBN()])
-    probe = check_frozen_fit(learn, lambda: learn.fit(2))
+    probe = check_frozen_fit(learn, lambda: learn.fit(2), n_fused=2)   # the SyncBatchNorm copies made after `before_fit`
     assert probe.types == {nn.SyncBatchNorm}
 
 def timm_bn_act_net(bn=BatchNormAct2d):
@@ -272,19 +290,20 @@ def timm_bn_act_net(bn=BatchNormAct2d):
                       nn.Conv2d(8,8,3,stride=2,padding=1), bn(8, act_layer=nn.SiLU)),
         nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8,2)))
 
-def test_timm_batchnorm_act():
-    "timm's `BatchNormAct2d`: frozen, while its dropout child keeps training"
-    learn = conv_learner(timm_bn_act_net(), cbs=FreezeBN(head=True))
+@pytest.mark.parametrize('fuse', [True, False])
+def test_timm_batchnorm_act(fuse):
+    "timm's `BatchNormAct2d`: frozen (and fused), while its dropout child keeps training"
+    learn = conv_learner(timm_bn_act_net(), cbs=FreezeBN(head=True, fuse=fuse))
     drop_modes = []
     class Drop(Callback):
         def after_pred(self):
             if self.training: drop_modes.append(self.learn.model[0][1].drop.training)
-    probe = check_frozen_fit(learn, lambda: learn.fit_one_cycle(1, cbs=Drop()))
+    probe = check_frozen_fit(learn, lambda: learn.fit_one_cycle(1, cbs=Drop()), n_fused=2 if fuse else 0)
     assert probe.types == {BatchNormAct2d} and drop_modes and all(drop_modes)
 
 def test_timm_sync_batchnorm_act():
     learn = conv_learner(timm_convert_sync_batchnorm(timm_bn_act_net()), cbs=FreezeBN(head=True))
-    probe = check_frozen_fit(learn, lambda: learn.fit(1))
+    probe = check_frozen_fit(learn, lambda: learn.fit(1), n_fused=2)
     assert probe.types == {SyncBatchNormAct}
 
 def test_timm_model_via_vision_learner():
@@ -296,6 +315,7 @@ def test_timm_model_via_vision_learner():
     probe = check_frozen_fit(learn, lambda: learn.fine_tune(1, freeze_epochs=1),
                              unused=('0.model.conv_head.weight', '0.model.conv_head.bias'))
     assert BatchNormAct2d in probe.types
+    assert len(fused_in(learn)) == len(freezable_bn_layers(learn.model[0]))   # every BN of the timm body, fused into its conv
 
 def test_lr_find(tmp_path):
     "`lr_find` trains (then reloads its saved weights) with BN frozen, and ends with the flags given back"
