@@ -192,6 +192,8 @@ def fuse_frozen_bn(model:nn.Module, # the model whose BN `frozen` holds (a `Dist
     if isinstance(model, nn.DataParallel):
         return FusedBNLayers(model, [], [LeftBN(n, 'the model is in nn.DataParallel, whose replicas would call the original layers') for n in names])
     if 'forward' in vars(model): return FusedBNLayers(model, [], [LeftBN(n, 'the model already has an instance `forward`') for n in names])
+    if any(getattr(m, 'grad_checkpointing', False) is True for m in model.modules()): # timm's `set_grad_checkpointing()`
+        return FusedBNLayers(model, [], [LeftBN(n, 'activation checkpointing is on (`grad_checkpointing`): its recompute in backward would not be fused') for n in names])
     try:
         with torch.no_grad(), _eval_mode(model): pairs,left,_ = find_pairs(model, None, sample)
     except Exception as e:

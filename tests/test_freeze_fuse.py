@@ -368,3 +368,17 @@ def test_error_before_the_forward_left_until_restore():
     assert sum('forward' in vars(m) for m in learn.model.modules()) == 5   # 2 layers, 2 BN, the model
     learn.freeze_bn.restore()
     assert same_state(module_state(learn.model), before)
+
+def test_not_fused_with_timm_activation_checkpointing():
+    "timm's `set_grad_checkpointing()`: its checkpoints recompute the forward unfused in backward, so nothing is fused and the fit runs"
+    import timm
+    def net():
+        torch.manual_seed(0)
+        body = timm.create_model('resnet18', pretrained=False, num_classes=0)
+        body.set_grad_checkpointing()
+        return pretend_pretrained(nn.Sequential(body, nn.Sequential(nn.Linear(512, 2))))
+    learn = fit(net, True)
+    assert learn.freeze_bn.fused == [] and 'checkpointing' in learn.freeze_bn.fusion.report()
+    body = net()[0]
+    body.set_grad_checkpointing(False)
+    assert len(fuse_frozen_bn(body, freeze_bn(body)).fused) == 20   # the same body without checkpointing: every BN fused
