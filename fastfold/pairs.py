@@ -816,7 +816,8 @@ def _branch(t, flow:_Flow, folded:dict, chain:list) -> _Branch|None:
 def _tail_problem(bn:nn.Module, name:str) -> str|None:
     "Why what is left of `bn` once folded is more than `nn.Identity` (timm's `act` and `drop`), so its branch is no linear map"
     fl = bn_flavour(bn)
-    tail = fl.tail(bn) if isinstance(fl, BNFlavour) else None
+    if not isinstance(fl, BNFlavour): return f'`{name}` is not a BN fastfold can fold'
+    tail = fl.tail(bn)
     return None if isinstance(tail, nn.Identity) else f'`{name}` keeps {type(tail).__name__} after it (an activation or dropout), which is no linear map'
 
 def _conv_problem(m:nn.Module, name:str, flow:_Flow) -> str|None:
