@@ -738,6 +738,8 @@ class MergedBranches:
     into: str # the conv that computes the merged sum: the one whose kernel covers every other branch's
     branches: tuple # `(kind, name)` of each branch merged, `into` first: ('conv', a conv, its BN folded first) or ('bn', a BN alone)
     traced_at: str = '' # read from the sample run, not from fx: the input shape of `into` there
+    block: str = '' # the module whose `forward`, once merged, only calls `chain` one after the other: it becomes `nn.Sequential` of them
+    chain: tuple = () # the names in `block` of the modules its `forward` then calls, in order
 
 @dataclass
 class LeftMerge:
@@ -879,6 +881,36 @@ def _module(flow:_Flow, name:str) -> nn.Module:
     return flow.root.get_submodule(name[len(flow.prefix)+1:] if flow.prefix else name)
 
 # %% ../nbs/01a_pairs.ipynb #bdd0a869
+def _owner(n:fx.Node, flow:_Flow) -> str|None:
+    "The full name of the module whose code made node `n` (for a leaf module's call, the one that called it)"
+    if 'owner' in n.meta: return n.meta['owner'] # a sample run's node
+    stack = list(n.meta.get('nn_module_stack', {}).values())
+    if n.op == 'call_module': stack = stack[:-1] # the leaf itself
+    return flow.name(stack[-1][0]) if stack else flow.prefix
+
+def _block_chain(flow:_Flow, terms:list, chain:list, bs:list[_Branch]) -> tuple[str,tuple]:
+    """`(block, names)` where the module `block` whose code makes the sum does nothing else, once `bs` are merged into
+    `bs[0]`, than call the modules `names` one after the other on its one input; else `('', ())`. The sum must add only
+    the branches (and `int` zeros), and the block must be called once, with no hooks, and not be the model itself"""
+    none,nodes = ('', ()),[b.node for b in bs]
+    if any(t not in nodes and not (isinstance(t, (int, float)) and t == 0) for t in terms): return none # another term stays in the sum
+    block = _owner(chain[0], flow)
+    if not block or _hooked(_module(flow, block)): return none
+    def inside(n): o = _owner(n, flow); return o is not None and (o == block or o.startswith(block + '.'))
+    mine = [n for n in flow.graph.nodes if n.op not in ('placeholder', 'output', 'get_attr') and inside(n)]
+    gone = set(chain) | set(nodes[1:]) | {_single_input(b.node) for b in bs[1:] if b.bn} # the emptied branches and the sum
+    into = [_single_input(bs[0].node), bs[0].node] if bs[0].bn else [bs[0].node]
+    live = [n for n in mine if n not in gone] # each must call a module of the block on what the one before gave, the first on the block's input
+    def value(n): return chain[0] if n is into[-1] else n # the sum is now the merged branch's output
+    rel = block[len(flow.prefix):].lstrip('.') # its name in the flow's root
+    prefix = rel + '.' if rel else ''
+    for i,n in enumerate(live):
+        if n.op != 'call_module' or not n.target.startswith(prefix) or _single_input(n) is not (value(live[i-1]) if i else bs[0].src): return none
+        us = set(value(n).users)
+        if (us != {live[i+1]}) if i+1 < len(live) else (us & set(mine)): return none
+    names = [flow.name(n.target)[len(block)+1:] for n in live]
+    return block, tuple(names)
+
 def _merges(flows:list[_Flow], pairs:list, left:list) -> tuple[list,list]:
     """`(merges, unmerged)` in the graphs of `flows`: the sums whose branches read one tensor and line up, and those that do not.
     A BN merged as a branch moves from `left` to `pairs` (`where='merged'`); one left gets the merge's reason"""
@@ -910,7 +942,7 @@ def _merges(flows:list[_Flow], pairs:list, left:list) -> tuple[list,list]:
                     continue
                 bs = [bs[i]] + bs[:i] + bs[i+1:]
                 traced_at = next((n.meta['shape'] for n in flow.graph.nodes if n.op == 'call_module' and flow.name(n.target) == bs[0].name and 'shape' in n.meta), '')
-                m = MergedBranches(bs[0].name, tuple((b.kind, b.name) for b in bs), traced_at)
+                m = MergedBranches(bs[0].name, tuple((b.kind, b.name) for b in bs), traced_at, *_block_chain(flow, terms, chain, bs))
                 merges.append(m)
                 for b in bs:
                     if b.kind == 'bn':

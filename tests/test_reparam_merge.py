@@ -58,6 +58,38 @@ def test_repvgg_block_merges_to_one_conv():
     assert '  merged `branches.0.0`, `branches.1.0`, `branches.2` into `branches.0.0`' in str(r).splitlines()
     assert type(pickle.loads(pickle.dumps(folded))) is Sum
 
+class RepVGG(nn.Module):
+    "timm's RepVggBlock, reduced: the sum, then an activation module"
+    def __init__(self, c=4):
+        super().__init__()
+        self.conv_kxk,self.conv_1x1,self.identity,self.act = cbn(c, c, 3, padding=1, bias=False),cbn(c, c, 1, bias=False),nn.BatchNorm2d(c),nn.ReLU()
+    def forward(self, x):
+        x = self.conv_1x1(x) + self.conv_kxk(x) + self.identity(x)
+        return self.act(x)
+
+def test_a_block_that_becomes_a_chain_is_replaced_by_sequential():
+    "Once merged, the block only calls the merged conv then `act`: it becomes `nn.Sequential` of them, with no add left"
+    model = nn.Sequential(RepVGG(), RepVGG())
+    folded,r = fold(model, x_of(2, 4, 6, 6))
+    assert [mg.block for mg in r.merged] == ['0', '1'] and r.merged[0].chain == ('conv_kxk.0', 'conv_kxk.1', 'act')
+    assert [[type(c) for c in b] for b in folded] == [[nn.Conv2d, nn.ReLU]]*2
+    assert type(folded) is nn.Sequential and type(model[0]) is RepVGG # the root class is kept, the input model untouched
+    assert "  merged `0.conv_kxk.0`, `0.conv_1x1.0`, `0.identity` into `0.conv_kxk.0`; `0` is now `nn.Sequential` of what it calls" in str(r)
+    assert torch.equal(pickle.loads(pickle.dumps(folded))(x_of(1, 4, 5, 5)), folded(x_of(1, 4, 5, 5)))
+
+@pytest.mark.parametrize('total,forward', [('s + x', 'self.act(s)'), ('s', 'x + self.act(s)'), ('s', 'self.act(s).relu()'),
+                                           ('s', 'self.act(s) * 2'), ('s', '(self.act(s), s)')])
+def test_a_block_that_does_more_than_a_chain_keeps_its_forward(total, forward):
+    "The sum also adds the raw input, or after it the block adds its input, calls a function, or returns the sum too: it stays, its emptied branches give zeros"
+    class Block(RepVGG):
+        def forward(self, x):
+            s = self.conv_1x1(x) + self.conv_kxk(x) + self.identity(x)
+            s = eval(total)
+            return eval(forward)
+    folded,r = fold(nn.Sequential(Block()), x_of(2, 4, 6, 6))
+    assert len(r.merged) == 1 and r.merged[0].block == '' and type(folded[0]) is Block
+    assert n_convs(folded) == 1
+
 def test_merges_where_the_block_adds_in_place_into_a_branch():
     "MobileOne's `out = conv_scale(x); out += conv(x)`: the emptied branch must give a new tensor, not its input"
     class InPlace(nn.Module):
@@ -70,9 +102,10 @@ def test_merges_where_the_block_adds_in_place_into_a_branch():
             for c in self.convs: out += c(x)
             return out
     x = x_of(2, 4, 6, 6)
-    folded,r = fold(InPlace(), x)
-    assert len(r.merged) == 1 and n_convs(folded) == 1
-    x0 = x.clone(); folded(x); assert torch.equal(x, x0)
+    for model in (InPlace(), nn.Sequential(InPlace())): # emptied branches; a chain
+        folded,r = fold(model, x)
+        assert len(r.merged) == 1 and n_convs(folded) == 1 and bool(r.merged[0].block) == (type(model) is nn.Sequential)
+        x0 = x.clone(); folded(x); assert torch.equal(x, x0)
 
 @pytest.mark.parametrize('branches', [
     [dict(kernel_size=3, padding=1, groups=4), dict(kernel_size=1, groups=4), 'bn'], # depthwise, with the identity
