@@ -220,8 +220,10 @@ def merged_branch_params(model:nn.Module, # the model, not changed
             w,b = edits.get(name, (m.weight, m.bias))
             kernels.append((w.detach().double(), None if b is None else b.detach().double()))
         if name != merge.into: out[name] = empty_branch(m, len(K))
+    if merge.identity: kernels.append((identity_kernel(torch.full((into.out_channels,), float(merge.identity), dtype=torch.float64, device=w0.device), G, K), None))
     if merge.block: out[merge.block] = Chain(merge.chain)
     w,b = merge_kernels(kernels, K)
+    if merge.then_bn: w,b = fold_bn_after(w, b, *(t.to(w0.device) for t in _valid_bn_affine(merge.then_bn, model.get_submodule(merge.then_bn))))
     rg = w0.requires_grad
     out[merge.into] = (nn.Parameter(torch.empty_like(w0).copy_(w), requires_grad=rg),
                        nn.Parameter(b.to((into.bias if into.bias is not None else w0).dtype), requires_grad=rg))
@@ -294,7 +296,8 @@ class FoldReport:
         if self.max_abs_diff is not None: lines.append(f'  max |output difference| on the sample: {self.max_abs_diff:.3g} (tolerance {self.tolerance:.3g})')
         if self.f64_diff is not None: lines.append(f'  in float64: {self.f64_diff:.3g} (tolerance {self.f64_tolerance:.3g}); the lower-precision difference comes from {self.cause}')
         lines += [_folded_line(p) for p in self.folded if p.where != 'merged']
-        lines += [f'  merged {", ".join(f"`{n}`" for _,n in m.branches)} into `{m.into}`' + (f'; `{m.block}` is now `nn.Sequential` of what it calls' if m.block else '')
+        lines += [f'  merged {", ".join([f"`{n}`" for _,n in m.branches] + ["the input"]*m.identity)} into `{m.into}`' + (f', then `{m.then_bn}`' if m.then_bn else '')
+                  + (f'; `{m.block}` is now `nn.Sequential` of what it calls' if m.block else '')
                   + (f' [read from the sample run, where `{m.into}` took {m.traced_at}]' if m.traced_at else '') for m in self.merged]
         lines += [f'  left `{l.bn}`: {l.reason}' for l in self.left]
         lines += [f'  not merged {", ".join(f"`{n}`" for n in m.branches)}: {m.reason}' for m in self.unmerged]

@@ -90,6 +90,34 @@ def test_a_block_that_does_more_than_a_chain_keeps_its_forward(total, forward):
     assert len(r.merged) == 1 and r.merged[0].block == '' and type(folded[0]) is Block
     assert n_convs(folded) == 1
 
+class RepViTDw(nn.Module):
+    "timm's RepVggDw: a BN on the sum of a depthwise 3x3 conv + BN, a depthwise 1x1 conv and the input itself"
+    def __init__(self, c=4, bn=None):
+        super().__init__()
+        self.conv,self.conv1,self.bn = cbn(c, c, 3, padding=1, groups=c, bias=False),nn.Conv2d(c, c, 1, groups=c),bn or nn.BatchNorm2d(c)
+    def forward(self, x): return self.bn(self.conv(x) + self.conv1(x) + x)
+
+def test_a_chain_merges_the_raw_input_and_folds_the_bn_on_the_sum():
+    "Once the block is a chain, its sum's add goes: the input itself merges as a one-tap kernel, and the BN after the sum folds"
+    folded,r = fold(nn.Sequential(RepViTDw(), RepViTDw()), x_of(2, 4, 6, 6))
+    m = r.merged[0]
+    assert (m.into, m.block, m.chain, m.identity, m.then_bn) == ('0.conv.0', '0', ('conv.0', 'conv.1'), 1, '0.bn')
+    assert (len(r.folded), r.n_bn, len(bn_layers(folded)), n_convs(folded)) == (4, 4, 0, 2)
+    assert '  merged `0.conv.0`, `0.conv1`, the input into `0.conv.0`, then `0.bn`; `0` is now `nn.Sequential` of what it calls' in str(r)
+
+def test_a_bn_on_the_sum_that_is_no_linear_map_stays():
+    "A BN with an activation after the sum: the chain keeps it, the merged conv does not take it"
+    folded,r = fold(nn.Sequential(RepViTDw(bn=BatchNormAct2d(4))), x_of(2, 4, 6, 6))
+    assert (r.merged[0].block, r.merged[0].then_bn, len(bn_layers(folded))) == ('0', '', 1)
+
+def test_the_raw_input_that_does_not_line_up_stays_a_term():
+    "Stride-2 branches on a 2x2 input give 1x1, which the sum broadcasts against the 2x2 input: no chain, the input stays"
+    class Broadcast(nn.Module):
+        def __init__(self): super().__init__(); self.a,self.b = nn.Conv2d(4, 4, 3, 2, 1),nn.Conv2d(4, 4, 1, 2)
+        def forward(self, x): return self.a(x) + self.b(x) + x
+    folded,r = fold(nn.Sequential(Broadcast()), x_of(2, 4, 2, 2))
+    assert (len(r.merged), r.merged[0].block, r.merged[0].identity) == (1, '', 0)
+
 def test_merges_where_the_block_adds_in_place_into_a_branch():
     "MobileOne's `out = conv_scale(x); out += conv(x)`: the emptied branch must give a new tensor, not its input"
     class InPlace(nn.Module):
