@@ -77,11 +77,12 @@ def test_a_block_that_becomes_a_chain_is_replaced_by_sequential():
     assert "  merged `0.conv_kxk.0`, `0.conv_1x1.0`, `0.identity` into `0.conv_kxk.0`; `0` is now `nn.Sequential` of what it calls" in str(r)
     assert torch.equal(pickle.loads(pickle.dumps(folded))(x_of(1, 4, 5, 5)), folded(x_of(1, 4, 5, 5)))
 
-@pytest.mark.parametrize('total,forward', [('s + x', 'self.act(s)'), ('s', 'x + self.act(s)'), ('s', 'self.act(s).relu()'),
+@pytest.mark.parametrize('total,forward', [('s + self.offset', 'self.act(s)'), ('s + x.flip(-1)', 'self.act(s)'), ('s', 'x + self.act(s)'), ('s', 'self.act(s).relu()'),
                                            ('s', 'self.act(s) * 2'), ('s', '(self.act(s), s)')])
 def test_a_block_that_does_more_than_a_chain_keeps_its_forward(total, forward):
-    "The sum also adds the raw input, or after it the block adds its input, calls a function, or returns the sum too: it stays, its emptied branches give zeros"
+    "The sum also adds another tensor, or after it the block adds its input, calls a function, or returns the sum too: it stays, its emptied branches give zeros"
     class Block(RepVGG):
+        def __init__(self): super().__init__(); self.register_buffer('offset', torch.randn(1, 4, 1, 1))
         def forward(self, x):
             s = self.conv_1x1(x) + self.conv_kxk(x) + self.identity(x)
             s = eval(total)
