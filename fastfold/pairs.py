@@ -649,7 +649,7 @@ def _method_name(u:fx.Node) -> str|None:
 def _step(u:fx.Node, x:fx.Node, ax:_Axis, c:int, signs:Tensor, flow:_Flow) -> tuple[str,_Axis]|str|None:
     "The BN's map, where `ax` says in `x`, past the node `u` that uses `x`: `(what u is, where in u)`; a reason if `u` would change it; None if `u` is no op it can pass"
     name = lambda: flow.name(u.target) if u.op == 'call_module' else _plain(_method_name(u) or getattr(u.target, '__name__', str(u.target)))
-    out = lambda a, why: (name(), _Axis(a.d, a.ranks, a.same | {u}, a.ones) if a is ax else a) if a is not None else why
+    out = lambda a, why: (name(), _Axis(a.d, a.ranks, (a.same if a is ax else frozenset()) | {u}, a.ones)) if a is not None else why # `u` has the shape `a` says
     moves = f'fastfold cannot tell where `{name()}` moves its channels'
     m = flow.module(u)
     if m is not None:

@@ -114,8 +114,10 @@ class Mixes(nn.Module):
 
 def test_refuses_a_reshape_that_mixes_channels_with_positions():
     assert left_reasons(Mixes(), x4()) == {'bn': '`reshape` may move values across its channels'}
-    assert left_reasons(Head(Fn(lambda x: x.mean(1, keepdim=True).expand(-1, 8, -1, -1).mean((2, 3)))), x4()) == {'bn': '`mean` averages over its channels'}
-    assert left_reasons(Head(Fn(lambda x: x.transpose(1, 3).flatten(2).mean(2))), x4(8, 8)) == {'bn': '`flatten` merges its channels with other dims'}
+    assert left_reasons(Head(Fn(lambda x: x.reshape(-1, 8, 16).transpose(1, 2))), x4()) == {'bn': '`reshape` may move values across its channels'} # 8 rows of 16, not (batch, C)
+    assert left_reasons(Head(Fn(lambda x: x.mean(1).transpose(1, 2))), x4()) == {'bn': '`mean` averages over its channels'} # H takes the channels' place
+    def merges(x): y = x.transpose(1, 2).flatten(1, 2); return y.reshape(y.shape[0], 8, -1).transpose(1, 2) # H and C merged, then cut in 8
+    assert left_reasons(Head(Fn(merges)), x4()) == {'bn': '`flatten` merges its channels with other dims'}
 
 def test_refuses_when_one_use_cannot_take_it_in():
     assert left_reasons(Attention(extra=nn.ReLU()), x4()) == {
