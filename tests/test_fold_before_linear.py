@@ -66,6 +66,16 @@ def test_one_bn_into_several_linears(sr):
     line = '  folded `norm1` into `q`, `k`, `v` (BN before Linear, through `reshape`, `transpose`' + (', `sr`; into `k` after `norm`; into `v` after `norm`)' if sr else ')')
     assert line in str(rep), rep
 
+class TwoConvs(nn.Module):
+    "One BN read directly by two convs, whose outputs are added"
+    def __init__(self, pad=0): super().__init__(); self.bn,self.a,self.b = nn.BatchNorm2d(4),nn.Conv2d(4, 3, 1),nn.Conv2d(4, 3, 3, padding=pad)
+    def forward(self, x): y = self.bn(x); return self.a(y).sum((2, 3)) + self.b(y).sum((2, 3))
+
+def test_one_bn_into_several_convs_or_left_naming_the_one_that_cannot():
+    rep = check_folds(TwoConvs(), x4(4, 9))
+    assert [(p.bn, [l for l,_,_ in p.parts], p.into_conv) for p in rep.folded] == [('bn', ['a', 'b'], True)]
+    assert left_reasons(TwoConvs(pad=1), x4(4, 9)) == {'bn': "`b` pads with zeros, where the BN's shift would be missing once folded"}
+
 class Head(nn.Module):
     "A BN, then `pool` (global average pooling, flatten) and a Linear, as timm's `ClassifierHead` after NextViT's final `norm`"
     def __init__(self, pool, c=8): super().__init__(); self.bn,self.pool,self.fc = nn.BatchNorm2d(c),pool,nn.Linear(c, 5)
