@@ -308,12 +308,21 @@ class FoldReport:
 
 def _folded_line(p:FoldedPair) -> str:
     "What the report says of one fold"
-    spans = ', '.join(f'{a}-{b-1}' for _,a,b in p.parts)
+    spans = ', '.join(f'{a}-{b-1}' for _,a,b in p.parts if a is not None)
     ran = f' [read from the sample run, where `{p.layer}` took {p.traced_at}]' if p.traced_at else ''
+    if p.vias or (p.parts and p.parts[0][1] is None): return _folded_into_each(p) + ran
     if p.where == 'before' and p.parts: return f'  folded `{p.bn}` into columns {spans} of `{p.layer}`' + (f' (through `{p.via}`)' if p.via else '') + ran
     if p.parts: return f'  folded `{p.bn}` into {", ".join(f"`{l}`" for l,_,_ in p.parts)} (its channels {spans})' + ran
     how = 'BN before the conv' if p.into_conv else 'BN before Linear' if p.where == 'before' else 'after the layer'
     return f'  folded `{p.bn}` into `{p.layer}` ({how}{", through " + ", ".join(f"`{t}`" for t in p.through) if p.through else ""})' + ran
+
+def _folded_into_each(p:FoldedPair) -> str:
+    "What the report says of a BN folded before several layers, or through other BNs"
+    layers = [l for l,_,_ in p.parts] or [p.layer]
+    through = ', '.join(f'`{t}`' for t in p.through)
+    vias = ''.join(f'; into `{l}` after {", ".join(f"`{v}`" for v in vs)}' for l,vs in zip(layers, p.vias) if vs)
+    return f'  folded `{p.bn}` into {", ".join(f"`{l}`" for l in layers)} (BN before {"the conv" if p.into_conv else "Linear"}{", through " + through if through else ""}{vias})'
+
 
 # %% ../nbs/02_fold.ipynb #12ee534b
 def n_params(model:nn.Module) -> int:

@@ -284,6 +284,7 @@ class FoldedPair:
     into_conv: bool = False # 'before' a conv rather than a Linear
     via: str = '' # a BN between this BN and the Linear, folded into it first
     traced_at: str = '' # read from a run on the sample, not from fx: the input shape of the layer there
+    vias: tuple = () # 'before' through other BNs: for each layer (`layer`, or each of `parts`), the BNs between, folded into it first
     merge: MergedBranches|None = field(default=None, repr=False, compare=False) # `where='merged'`: the merge the BN is a branch of
 
 @dataclass
@@ -465,11 +466,12 @@ def _pair_before(n:fx.Node, bn:nn.Module, flow:_Flow) -> FoldedPair|LeftBN:
     fallback = f'its input comes from {flow.describe(src)}, not a foldable layer' if src is not None else 'it is not called on a single tensor'
     u,last = _skip_dropouts(n, flow)
     if u is None:
+        if (p := _pair_before_through(n, bn, flow)) is not None: return p
         feeds = [v for v in last.users if _layer(v, flow) is not None or _is_cat(v)]
         return flow.left(n, f'its output feeds {", ".join(flow.describe(v) for v in last.users)}: it cannot be folded into {flow.describe(feeds[0])} alone' if feeds else fallback)
     if _is_cat(u): return _pair_before_cat(n, bn, u, last, flow, fallback)
     m = _layer(u, flow)
-    if m is None or _single_input(u) is None: return flow.left(n, fallback)
+    if m is None or _single_input(u) is None: return _pair_before_through(n, bn, flow) or flow.left(n, fallback)
     if isinstance(m, nn.Linear): return _pair_before_linear(n, bn, u, m, flow, fallback)
     return _pair_before_conv(n, bn, u, m, flow, fallback)
 
@@ -523,6 +525,243 @@ def _pair_of(n:fx.Node, bn:nn.Module, flow:_Flow) -> FoldedPair|LeftBN:
     if isinstance(after, FoldedPair): return after
     before = _pair_before(n, bn, flow)
     return before if isinstance(before, FoldedPair) or after is None else after
+
+# %% ../nbs/01a_pairs.ipynb #67ffb102
+_AVG_POOLS = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3}
+_ADAPTIVE_AVG_POOLS = {nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3}
+_MAX_POOLS = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3, nn.AdaptiveMaxPool1d: 1, nn.AdaptiveMaxPool2d: 2, nn.AdaptiveMaxPool3d: 3}
+_F = nn.functional
+_FN_AVG_POOLS = {_F.avg_pool1d: 1, _F.avg_pool2d: 2, _F.avg_pool3d: 3} # `(input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)`
+_FN_ADAPTIVE_AVG_POOLS = {_F.adaptive_avg_pool1d: 1, _F.adaptive_avg_pool2d: 2, _F.adaptive_avg_pool3d: 3}
+_FN_MAX_POOLS = {_F.max_pool1d: 1, _F.max_pool2d: 2, _F.max_pool3d: 3, _F.adaptive_max_pool1d: 1, _F.adaptive_max_pool2d: 2, _F.adaptive_max_pool3d: 3}
+_BN_RANKS = {None: (2, 3, 4, 5), 1: (2, 3), 2: (4,), 3: (5,)} # the input ranks a BN of `bn_flavour(bn).ndim` takes: channels are dim 1
+
+@dataclass(frozen=True)
+class _Axis:
+    "Where a BN's channels are in a tensor its map reaches: dim `d` of a tensor of one of the `ranks` (the ones a run could have)"
+    d: int
+    ranks: tuple
+    same: frozenset = frozenset() # nodes known to have exactly this tensor's shape (whose `x.shape[i]` a reshape may name)
+    ones: frozenset = frozenset() # dims known to have size 1 (after a global pooling, or a `mean` with `keepdim`)
+
+    def dim(self, i, shift:int=0) -> int|None:
+        "`i` as a dim >= 0 of this tensor (of a tensor of one rank more if `shift`), or None if not an int or the rank is unknown"
+        if not isinstance(i, int) or isinstance(i, bool): return None
+        if i >= 0: return i
+        return i + self.ranks[0] + shift if len(self.ranks) == 1 else None
+    def fits(self, *dims:int) -> _Axis|None:
+        "This axis with only the ranks where `dims` are dims, or None if none is left"
+        ranks = tuple(r for r in self.ranks if all(d < r for d in dims))
+        return _Axis(self.d, ranks, self.same, self.ones) if ranks else None
+
+def _size_of(a, ax:_Axis) -> int|None:
+    "Which dim `a` is the size of, if it is `t.shape[i]`, `t.size()[i]` or `t.size(i)` of a node `t` of exactly `ax`'s shape"
+    if not isinstance(a, fx.Node): return None
+    if a.op == 'call_method' and a.target == 'size' and len(a.args) == 2 and a.args[0] in ax.same: return ax.dim(a.args[1])
+    if not (a.op == 'call_function' and a.target is operator.getitem and len(a.args) == 2 and isinstance(s := a.args[0], fx.Node)): return None
+    whole = (s.op == 'call_function' and s.target is getattr and s.args[1] == 'shape') or (s.op == 'call_method' and s.target == 'size' and len(s.args) == 1)
+    return ax.dim(a.args[1]) if whole and s.args[0] in ax.same else None
+
+def _shape_arg(n:fx.Node) -> list:
+    "The new shape of `x.reshape(*shape)` / `x.view(shape)`"
+    return list(n.args[1]) if len(n.args) == 2 and isinstance(n.args[1], (tuple, list)) else list(n.args[1:]) or list(n.kwargs.get('shape', ()))
+
+def _reshaped(n:fx.Node, ax:_Axis, c:int) -> _Axis|None:
+    "`ax` after the reshape `n`, if it keeps the channels a dim of their own, with the same channel at each flat position"
+    shape = _shape_arg(n)
+    same = lambda j: _size_of(shape[j], ax) == j
+    if len(shape) > ax.d and all(same(j) for j in range(ax.d)) and (same(ax.d) or shape[ax.d] == c): # same dims before the channels
+        return _Axis(ax.d, (len(shape),), frozenset([n]), frozenset(j for j in ax.ones if j < ax.d))
+    if shape and len(ax.ranks) == 1 and ax.d == ax.ranks[0]-1 and (_size_of(shape[-1], ax) == ax.d or shape[-1] == c): # channels last, and kept last
+        return _Axis(len(shape)-1, (len(shape),), frozenset([n]))
+    return None
+
+def _flattened(ax:_Axis, s, e) -> _Axis|None:
+    "`ax` after `flatten(s, e)`, if the channels stay a dim of their own (the others merged with them have size 1)"
+    s,e = ax.dim(s),ax.dim(e)
+    if s is None or e is None or (ax := ax.fits(s, e)) is None: return None
+    if s >= e: return ax if s == e else None
+    if s <= ax.d <= e and not all(j in ax.ones for j in range(s, e+1) if j != ax.d): return None
+    d = ax.d if ax.d < s else s if ax.d <= e else ax.d - (e-s)
+    ones = {j for j in ax.ones if j < s} | {j-(e-s) for j in ax.ones if j > e} | ({s} if all(j in ax.ones for j in range(s, e+1)) else set())
+    return _Axis(d, tuple(r-(e-s) for r in ax.ranks), frozenset(), frozenset(ones))
+
+def _pooled(ax:_Axis, k:int, ones:bool=False) -> _Axis|None:
+    "`ax` after a pooling over the last `k` dims (a tensor of `k`+1 or `k`+2 dims), if the channels are not among them"
+    ranks = tuple(r for r in ax.ranks if r in (k+1, k+2) and ax.d < r-k)
+    if len(ranks) != len([r for r in ax.ranks if r in (k+1, k+2)]) or not ranks: return None
+    last = set(range(ranks[0]-k, ranks[0])) if len(ranks) == 1 and ones else set()
+    return _Axis(ax.d, ranks, frozenset(), frozenset(j for j in ax.ones if j < ranks[0]-k or len(ranks) > 1) | last)
+
+def _global(size) -> bool: return all(s == 1 for s in (size if isinstance(size, (tuple, list)) else [size]))
+
+def _avg_pool_problem(name:str, padding, count_include_pad:bool, divisor_override) -> str|None:
+    "Why an average pooling does not give back the per-channel shift unchanged (its weights do not sum to 1 in every window)"
+    if divisor_override is not None: return f'`{name}` divides by {divisor_override}, not by the number of values it sums, so the shift would change'
+    if count_include_pad and any(p for p in (padding if isinstance(padding, (tuple, list)) else [padding])):
+        return f'`{name}` pads with zeros and counts them (count_include_pad=True): its border windows would scale the shift'
+    return None
+
+def _swapped(ax:_Axis, a, b) -> _Axis|None:
+    "`ax` after swapping dims `a` and `b`"
+    a,b = ax.dim(a),ax.dim(b)
+    if a is None or b is None or (ax := ax.fits(a, b)) is None: return None
+    sw = lambda j: b if j == a else a if j == b else j
+    return _Axis(sw(ax.d), ax.ranks, frozenset(), frozenset(map(sw, ax.ones)))
+
+def _permuted(ax:_Axis, dims) -> _Axis|None:
+    "`ax` after `permute(dims)`"
+    if len(dims) not in ax.ranks: return None
+    ax = _Axis(ax.d, (len(dims),), ax.same, ax.ones)
+    dims = [ax.dim(i) for i in dims]
+    if None in dims or sorted(dims) != list(range(len(dims))): return None
+    return _Axis(dims.index(ax.d), ax.ranks, frozenset(), frozenset(dims.index(j) for j in ax.ones))
+
+def _unsqueezed(ax:_Axis, i) -> _Axis|None:
+    "`ax` after `unsqueeze(i)`"
+    i = ax.dim(i, shift=1)
+    if i is None or (ax := ax.fits(i-1)) is None: return None
+    up = lambda j: j+1 if j >= i else j
+    return _Axis(up(ax.d), tuple(r+1 for r in ax.ranks), frozenset(), frozenset({*map(up, ax.ones), i}))
+
+def _meaned(ax:_Axis, dims, keepdim:bool) -> _Axis|str|None:
+    "`ax` after `mean(dims, keepdim)`, a reason if it averages over the channels"
+    dims = [dims] if isinstance(dims, int) else dims
+    if not isinstance(dims, (tuple, list)) or not dims: return '`mean` averages over its channels' # `x.mean()`: over every dim
+    dims = [ax.dim(i) for i in dims]
+    if None in dims or (ax := ax.fits(*dims)) is None: return None
+    if ax.d in dims: return '`mean` averages over its channels'
+    if keepdim: return _Axis(ax.d, ax.ranks, frozenset(), ax.ones | set(dims))
+    down = lambda j: j - sum(i < j for i in dims)
+    return _Axis(down(ax.d), tuple(r-len(set(dims)) for r in ax.ranks), frozenset(), frozenset(down(j) for j in ax.ones if j not in dims))
+
+def _negative(signs:Tensor) -> int: return int((signs < 0).sum())
+
+def _max_pool_problem(name:str, signs:Tensor) -> str|None:
+    "A maximum commutes with `x*s + t` only where `s >= 0`"
+    if (k := _negative(signs)): return f'`{name}` takes a maximum, which does not commute with the negative scale of {k} of its {len(signs)} channels'
+    return None
+
+def _method_name(u:fx.Node) -> str|None:
+    "`u`'s name as a tensor method (`x.reshape(...)`, or `torch.reshape(x, ...)`), or None"
+    if u.op == 'call_method': return u.target
+    name = getattr(u.target, '__name__', '')
+    return name if u.op == 'call_function' and getattr(torch, name, None) is u.target else None
+
+def _step(u:fx.Node, x:fx.Node, ax:_Axis, c:int, signs:Tensor, flow:_Flow) -> tuple[str,_Axis]|str|None:
+    "The BN's map, where `ax` says in `x`, past the node `u` that uses `x`: `(what u is, where in u)`; a reason if `u` would change it; None if `u` is no op it can pass"
+    name = lambda: flow.name(u.target) if u.op == 'call_module' else _plain(_method_name(u) or getattr(u.target, '__name__', str(u.target)))
+    out = lambda a, why: (name(), _Axis(a.d, a.ranks, (a.same if a is ax else frozenset()) | {u}, a.ones)) if a is not None else why # `u` has the shape `a` says
+    moves = f'fastfold cannot tell where `{name()}` moves its channels'
+    m = flow.module(u)
+    if m is not None:
+        if _single_input(u) is not x or _hooked(m): return None
+        if type(m) is nn.Identity or isinstance(m, _DropoutNd): return None, _Axis(ax.d, ax.ranks, ax.same | {u}, ax.ones) # the identity in eval mode
+        if type(m) is nn.Flatten: return out(_flattened(ax, m.start_dim, m.end_dim), f'`{name()}` merges its channels with other dims')
+        k = _AVG_POOLS.get(type(m)) or _ADAPTIVE_AVG_POOLS.get(type(m)) or _MAX_POOLS.get(type(m))
+        if k is None: return None
+        if type(m) in _AVG_POOLS and (why := _avg_pool_problem(name(), m.padding, m.count_include_pad, getattr(m, 'divisor_override', None))): return why
+        if type(m) in _MAX_POOLS:
+            if getattr(m, 'return_indices', False): return None
+            if (why := _max_pool_problem(name(), signs)): return why
+        return out(_pooled(ax, k, _global(getattr(m, 'output_size', 0))), f'`{name()}` pools over its channels')
+    if u.op == 'call_function' and any(u.target in fs for fs in (_FN_AVG_POOLS, _FN_ADAPTIVE_AVG_POOLS, _FN_MAX_POOLS)):
+        if not u.args or u.args[0] is not x: return None
+        if u.target in _FN_AVG_POOLS:
+            if (why := _avg_pool_problem(name(), _arg(u, 3, 'padding', 0), _arg(u, 5, 'count_include_pad', True), _arg(u, 6, 'divisor_override', None))): return why
+            return out(_pooled(ax, _FN_AVG_POOLS[u.target]), f'`{name()}` pools over its channels')
+        if u.target in _FN_MAX_POOLS:
+            if _arg(u, 6 if 'adaptive' not in name() else 2, 'return_indices', False) is not False: return None
+            if (why := _max_pool_problem(name(), signs)): return why
+            return out(_pooled(ax, _FN_MAX_POOLS[u.target], 'adaptive' in name() and _global(_arg(u, 1, 'output_size', 0))), f'`{name()}` pools over its channels')
+        return out(_pooled(ax, _FN_ADAPTIVE_AVG_POOLS[u.target], _global(_arg(u, 1, 'output_size', 0))), f'`{name()}` pools over its channels')
+    op = _method_name(u)
+    if op is None or not u.args or u.args[0] is not x: return None
+    if op == 'contiguous': return None, _Axis(ax.d, ax.ranks, ax.same | {u}, ax.ones)
+    if op in ('transpose', 'swapaxes', 'swapdims'): return out(_swapped(ax, _arg(u, 1, 'dim0', None), _arg(u, 2, 'dim1', None)), moves)
+    if op == 't': return out(_swapped(_Axis(ax.d, (2,), ax.same, ax.ones), 0, 1) if 2 in ax.ranks else None, moves)
+    if op == 'permute': return out(_permuted(ax, list(u.args[1]) if len(u.args) == 2 and isinstance(u.args[1], (tuple, list)) else list(u.args[1:]) or list(u.kwargs.get('dims', ()))), moves)
+    if op == 'unsqueeze': return out(_unsqueezed(ax, _arg(u, 1, 'dim', None)), moves)
+    if op == 'flatten': return out(_flattened(ax, _arg(u, 1, 'start_dim', 0), _arg(u, 2, 'end_dim', -1)), f'`{op}` merges its channels with other dims')
+    if op in ('reshape', 'view'): return out(_reshaped(u, ax, c), f'`{op}` may move values across its channels')
+    if op == 'mean':
+        got = _meaned(ax, _arg(u, 1, 'dim', None), _arg(u, 2, 'keepdim', False))
+        return got if isinstance(got, str) else out(got, moves)
+    return None
+
+
+# %% ../nbs/01a_pairs.ipynb #2c59a86c
+def _absorb_problem(u:fx.Node, m:nn.Module, ax:_Axis, c:int, flow:_Flow) -> str|None:
+    "Why the Linear or conv `m` (node `u`) cannot take in the BN's map, which reaches its input with the channels where `ax` says"
+    name = flow.name(u.target)
+    if isinstance(m, _ConvTransposeNd): return f'it feeds `{name}`, a ConvTranspose: its outputs sum varying numbers of inputs, so the shift is no bias'
+    if isinstance(m, nn.Linear):
+        if not all(ax.d == r-1 for r in ax.ranks): return f'its channels reach `{name}` as dim {ax.d}, not as the features (the last dim)'
+        if m.in_features != c: return f'`{name}` takes {m.in_features} features, the BN gives {c}'
+    else:
+        k = len(m.kernel_size)
+        if not all((r, ax.d) in ((k+2, 1), (k+1, 0)) for r in ax.ranks): return f'its channels reach `{name}` as dim {ax.d}, not as its input channels'
+        if _pads_zeros(m): return f'`{name}` pads with zeros, where the BN\'s shift would be missing once folded'
+        if m.in_channels != c: return f'`{name}` takes {m.in_channels} channels, the BN gives {c}'
+    if (why := layer_problem(m, 'before')): return why
+    if flow.shared(m): return f'`{name}` is called more than once'
+    return None
+
+def _through_bn_problem(u:fx.Node, m:nn.Module, ax:_Axis, c:int, flow:_Flow) -> str|None:
+    "Why the BN's map cannot pass the BN `m` (node `u`) to the layers after it, composed with `m`'s own"
+    name = flow.name(u.target)
+    fl = bn_flavour(m)
+    if isinstance(fl, _Overridden) or getattr(m, 'running_mean', None) is None: return f'it reaches `{name}`, a BN fastfold cannot fold'
+    if m.running_mean.numel() != c: return f'it reaches `{name}`, a BN of {m.running_mean.numel()} channels, not {c}'
+    if not all(ax.d == 1 and r in _BN_RANKS.get(fl.ndim, ()) for r in ax.ranks): return f'its channels reach `{name}` as dim {ax.d}, not as that BN\'s channels'
+    if keeps_tail(m): return f'it reaches `{name}`, which has an activation inside'
+    return None
+
+def _signs(bn:nn.Module, c:int) -> Tensor:
+    "The sign of each channel's scale in the BN's map (that of its weight: `rsqrt(var+eps)` is positive)"
+    w = getattr(bn, 'weight', None)
+    return torch.ones(c) if w is None else w.detach().float().sign().cpu()
+
+def _pair_before_through(n:fx.Node, bn:nn.Module, flow:_Flow) -> FoldedPair|LeftBN|None:
+    "The BN node `n` folded into every Linear or conv its map reaches through reshapes, transposes, average pooling and other BNs; None if its first use is none of those"
+    if keeps_tail(bn): return None # an activation inside: not an affine map
+    c = bn.running_mean.numel()
+    ax = _Axis(1, _BN_RANKS.get(bn_flavour(bn).ndim, _BN_RANKS[None]), frozenset(x for x in (n, _single_input(n)) if x is not None))
+    todo,layers,through = [(n, ax, (), (), _signs(bn, c))],[],[]
+    while todo:
+        x,ax,ops,vias,signs = todo.pop(0)
+        for u in _value_users(x):
+            m = flow.module(u) if _single_input(u) is x else None
+            if isinstance(m, (_ConvNd, nn.Linear)):
+                if (why := _absorb_problem(u, m, ax, c, flow)): return flow.left(n, why)
+                layers.append((u.target, m, vias)); continue
+            if m is not None and is_bn(m):
+                if (why := _through_bn_problem(u, m, ax, c, flow)): return flow.left(n, why)
+                todo.append((u, _Axis(ax.d, ax.ranks, ax.same | {u}, ax.ones), ops, vias+(u.target,), signs*_signs(m, c))); continue
+            step = _step(u, x, ax, c, signs, flow)
+            if step is None:
+                if not ops and not vias: return None # a use right after the BN: the rules above say why
+                return flow.left(n, f'its output reaches {flow.describe(u)} (through {", ".join(f"`{o}`" for o in ops + vias)}), which cannot take in its map')
+            if isinstance(step, str): return flow.left(n, step)
+            op,ax2 = step
+            if op is not None and op not in through: through.append(op)
+            todo.append((u, ax2, ops+(op,) if op else ops, vias, signs))
+    if not layers: return None
+    p = _pair(flow, n, 'before', [(t, None, None) for t,_,_ in layers], through, isinstance(layers[0][1], _ConvNd))
+    p.vias = tuple(tuple(flow.name(v) for v in vs) for _,_,vs in layers)
+    return p
+
+def _layers(p:FoldedPair) -> list[str]: return [l for l,_,_ in p.parts] or [p.layer]
+
+def _drop_unfolded_vias(pairs:list[FoldedPair], left:list[LeftBN]):
+    "Leave each pair whose map reaches a layer through a BN that is not folded into that layer too (again, until none is)"
+    while True:
+        into = {(p.bn, l) for p in pairs if p.where == 'before' for l in _layers(p)}
+        bad = next(((p, l, v) for p in pairs for l,vs in zip(_layers(p), p.vias) for v in vs if (v, l) not in into), None)
+        if bad is None: return
+        p,l,v = bad
+        pairs.remove(p); left.append(LeftBN(p.bn, f'it reaches `{l}` through `{v}`, which is not folded into it'))
+
 
 # %% ../nbs/01a_pairs.ipynb #68bd7159
 _VALUE_READS = {'__bool__', 'item', 'tolist', '__int__', '__float__', '__index__', '__complex__', 'numpy', 'equal', 'allclose',
@@ -704,7 +943,8 @@ def _find(model, ran, sample):
     before = {(p.bn, p.layer) for p in pairs if p.where == 'before'}
     for p in [p for p in pairs if p.via and (p.via, p.layer) not in before]:
         pairs.remove(p); left.append(LeftBN(p.bn, f'it reaches `{p.layer}` through `{p.via}`, which is left'))
-    pairs.sort(key=lambda p: bool(p.via)) # folded into a layer after the BN between them, as they are applied
+    _drop_unfolded_vias(pairs, left)
+    pairs.sort(key=lambda p: max([bool(p.via), *map(len, p.vias)])) # folded into a layer after the BNs between them, as they are applied
     left += [LeftBN(name, _unreached(name, m, graphs, untraceable, ran)) for name,m in bns if name not in verdicts and id(m) not in seen]
     return pairs, left, untraceable, flows
 
