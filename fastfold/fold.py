@@ -403,7 +403,7 @@ def _warn_if_pretrained(model:nn.Module):
 
 # %% ../nbs/02_fold.ipynb #ddd9e605
 class BN_Folder:
-    "Fold every BatchNorm next to a Conv, ConvTranspose or Linear into that layer, replacing the BN by `nn.Identity`"
+    "Fold every BatchNorm next to a Conv, ConvTranspose or Linear into that layer, replacing the BN by `nn.Identity`, and merge the parallel branches of a sum into one conv"
     def __init__(self,
                  rtol:float|None=None, # sample check: allowed error relative to the largest output (default 1e-4; 1e-2 fp16, 5e-2 bf16)
                  atol:float=0., # sample check: allowed absolute error on top of `rtol`
