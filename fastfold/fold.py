@@ -8,7 +8,8 @@ Docs: https://fastfold.github.io/fastfold/fold.html.md"""
 from __future__ import annotations
 import copy, math, warnings
 from dataclasses import dataclass, field
-from typing import Callable
+from collections import OrderedDict
+from typing import Callable, NamedTuple
 import torch, torch.nn.functional as F
 from torch import nn, Tensor
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
@@ -21,8 +22,8 @@ from .pairs import _name, _geometry
 # %% auto #0
 __all__ = ['bn_scale_shift', 'scale_out_channels', 'fold_bn_after', 'fold_bn_before', 'widen_affine', 'fold_bn_before_conv',
            'pad_kernel', 'identity_kernel', 'merge_kernels', 'folded_layer_params', 'fold_plan', 'empty_branch',
-           'merged_branch_params', 'apply_plan', 'FoldCheckError', 'FoldReport', 'n_params', 'output_difference',
-           'float64_difference', 'BN_Folder']
+           'Chain', 'merged_branch_params', 'apply_plan', 'FoldCheckError', 'FoldReport', 'n_params',
+           'output_difference', 'float64_difference', 'BN_Folder']
 
 # %% ../nbs/02_fold.ipynb #effa30cd
 def bn_scale_shift(mean:Tensor, # BN running mean
@@ -197,12 +198,16 @@ def empty_branch(m:nn.Module, # a conv, or a BN alone, whose branch moved into t
     if g.cin != g.cout: parts.append(getattr(nn, f'ZeroPad{nd+1}d')((0, 0)*nd + (0, g.cout-g.cin))) # channels added (or cut) at the end
     return parts[0] if len(parts) == 1 else nn.Sequential(*parts)
 
+class Chain(NamedTuple):
+    "What replaces a block whose `forward`, once merged, calls its modules `names` one after the other: `nn.Sequential` of them"
+    names: tuple
+
 @torch.no_grad()
 def merged_branch_params(model:nn.Module, # the model, not changed
                          merge:MergedBranches, # from `find_folds`
                          edits:dict, # `fold_plan`'s new `(weight, bias)` of the folded convs
                         ) -> dict:
-    "The merged conv's new `(weight, bias)`, and what replaces each other branch's conv or BN (`empty_branch`), keyed by name"
+    "The merged conv's new `(weight, bias)`, what replaces each other branch's conv or BN (`empty_branch`), and the block's `Chain` where it is one, keyed by name"
     into = model.get_submodule(merge.into)
     K,G,w0 = tuple(into.kernel_size),into.groups,into.weight
     kernels,out = [],{}
@@ -215,7 +220,10 @@ def merged_branch_params(model:nn.Module, # the model, not changed
             w,b = edits.get(name, (m.weight, m.bias))
             kernels.append((w.detach().double(), None if b is None else b.detach().double()))
         if name != merge.into: out[name] = empty_branch(m, len(K))
+    if merge.identity: kernels.append((identity_kernel(torch.full((into.out_channels,), float(merge.identity), dtype=torch.float64, device=w0.device), G, K), None))
+    if merge.block: out[merge.block] = Chain(merge.chain)
     w,b = merge_kernels(kernels, K)
+    if merge.then_bn: w,b = fold_bn_after(w, b, *(t.to(w0.device) for t in _valid_bn_affine(merge.then_bn, model.get_submodule(merge.then_bn))))
     rg = w0.requires_grad
     out[merge.into] = (nn.Parameter(torch.empty_like(w0).copy_(w), requires_grad=rg),
                        nn.Parameter(b.to((into.bias if into.bias is not None else w0).dtype), requires_grad=rg))
@@ -235,16 +243,22 @@ def _put(model:nn.Module, target:str, new) -> object:
     return old
 
 def apply_plan(model:nn.Module, pairs:list[FoldedPair], edits:dict[str,tuple[nn.Parameter,nn.Parameter]]) -> Callable[[],None]:
-    "Set the new weights and biases of `edits` in `model`, put in the modules it holds, and replace each folded BN by its tail; returns an undo"
+    "Set the new weights and biases of `edits` in `model`, put in the modules it holds, replace each folded BN by its tail, then each `Chain` block by `nn.Sequential`; returns an undo"
     undo = [] # `(target, what was there)`, in the order they were replaced
     try:
         for name,e in edits.items():
+            if isinstance(e, Chain): continue # last: it holds the modules as edited
             if isinstance(e, nn.Module): undo.append((name, _put(model, name, e))); continue
             for target,new in ((_name(name, 'weight'), e[0]), (_name(name, 'bias'), e[1])): undo.append((target, _put(model, target, new)))
         for p in pairs:
             if p.where == 'merged': continue # replaced by its merge's edits
             bn = model.get_submodule(p.bn)
             undo.append((p.bn, _put(model, p.bn, bn_flavour(bn).tail(bn))))
+        for name,e in edits.items():
+            if not isinstance(e, Chain): continue
+            block = model.get_submodule(name)
+            parts = [(n.replace('.', '_'), m) for n in e.names if not isinstance(m := block.get_submodule(n), nn.Identity)]
+            undo.append((name, _put(model, name, nn.Sequential(OrderedDict(parts)))))
     except BaseException:
         _undo(model, undo); raise
     return lambda: _undo(model, undo)
@@ -282,7 +296,9 @@ class FoldReport:
         if self.max_abs_diff is not None: lines.append(f'  max |output difference| on the sample: {self.max_abs_diff:.3g} (tolerance {self.tolerance:.3g})')
         if self.f64_diff is not None: lines.append(f'  in float64: {self.f64_diff:.3g} (tolerance {self.f64_tolerance:.3g}); the lower-precision difference comes from {self.cause}')
         lines += [_folded_line(p) for p in self.folded if p.where != 'merged']
-        lines += [f'  merged {", ".join(f"`{n}`" for _,n in m.branches)} into `{m.into}`' + (f' [read from the sample run, where `{m.into}` took {m.traced_at}]' if m.traced_at else '') for m in self.merged]
+        lines += [f'  merged {", ".join([f"`{n}`" for _,n in m.branches] + ["the input"]*m.identity)} into `{m.into}`' + (f', then `{m.then_bn}`' if m.then_bn else '')
+                  + (f'; `{m.block}` is now `nn.Sequential` of what it calls' if m.block else '')
+                  + (f' [read from the sample run, where `{m.into}` took {m.traced_at}]' if m.traced_at else '') for m in self.merged]
         lines += [f'  left `{l.bn}`: {l.reason}' for l in self.left]
         lines += [f'  not merged {", ".join(f"`{n}`" for n in m.branches)}: {m.reason}' for m in self.unmerged]
         lines += [f'  untraceable `{n}`: {e}; traced what it holds separately' if n else
@@ -464,7 +480,7 @@ def _copy_for_fold(model, pairs, edits):
     "One deepcopy of `model`, skipping what the fold replaces anyway (unless it is tied or registered elsewhere)"
     uses = {}
     for _,t in [*model.named_parameters(remove_duplicate=False), *model.named_modules(remove_duplicate=False)]: uses[id(t)] = uses.get(id(t), 0) + 1
-    replaced = [t for n in edits for t in (model.get_submodule(n).weight, model.get_submodule(n).bias) if t is not None]
+    replaced = [t for n,e in edits.items() if not isinstance(e, (nn.Module, Chain)) for t in (model.get_submodule(n).weight, model.get_submodule(n).bias) if t is not None]
     replaced += [bn for p in pairs if not keeps_tail(bn := model.get_submodule(p.bn))]
     return copy.deepcopy(model, {id(t): t for t in replaced if uses.get(id(t)) == 1})
 

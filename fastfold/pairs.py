@@ -738,6 +738,10 @@ class MergedBranches:
     into: str # the conv that computes the merged sum: the one whose kernel covers every other branch's
     branches: tuple # `(kind, name)` of each branch merged, `into` first: ('conv', a conv, its BN folded first) or ('bn', a BN alone)
     traced_at: str = '' # read from the sample run, not from fx: the input shape of `into` there
+    block: str = '' # the module whose `forward`, once merged, only calls `chain` one after the other: it becomes `nn.Sequential` of them
+    chain: tuple = () # the names in `block` of the modules its `forward` then calls, in order
+    identity: int = 0 # times the sum adds its input itself, merged too (only where `block` becomes a chain)
+    then_bn: str = '' # a BN on the sum, folded into the merged conv (only where `block` becomes a chain)
 
 @dataclass
 class LeftMerge:
@@ -816,7 +820,8 @@ def _branch(t, flow:_Flow, folded:dict, chain:list) -> _Branch|None:
 def _tail_problem(bn:nn.Module, name:str) -> str|None:
     "Why what is left of `bn` once folded is more than `nn.Identity` (timm's `act` and `drop`), so its branch is no linear map"
     fl = bn_flavour(bn)
-    tail = fl.tail(bn) if isinstance(fl, BNFlavour) else None
+    if not isinstance(fl, BNFlavour): return f'`{name}` is not a BN fastfold can fold'
+    tail = fl.tail(bn)
     return None if isinstance(tail, nn.Identity) else f'`{name}` keeps {type(tail).__name__} after it (an activation or dropout), which is no linear map'
 
 def _conv_problem(m:nn.Module, name:str, flow:_Flow) -> str|None:
@@ -878,6 +883,51 @@ def _module(flow:_Flow, name:str) -> nn.Module:
     return flow.root.get_submodule(name[len(flow.prefix)+1:] if flow.prefix else name)
 
 # %% ../nbs/01a_pairs.ipynb #bdd0a869
+def _owner(n:fx.Node, flow:_Flow) -> str|None:
+    "The full name of the module whose code made node `n` (for a leaf module's call, the one that called it)"
+    if 'owner' in n.meta: return n.meta['owner'] # a sample run's node
+    stack = list(n.meta.get('nn_module_stack', {}).values())
+    if n.op == 'call_module': stack = stack[:-1] # the leaf itself
+    return flow.name(stack[-1][0]) if stack else flow.prefix
+
+def _block_chain(flow:_Flow, terms:list, chain:list, bs:list[_Branch], lefts:dict) -> tuple[str,tuple,int,str]:
+    """`(block, names, identity, then_bn)` where the module `block` whose code makes the sum does nothing else, once `bs`
+    are merged into `bs[0]`, than call the modules `names` one after the other on its one input; else `('', (), 0, '')`.
+    The sum must add only the branches, `int` zeros and the input itself (`identity` times, merged too, as the add goes);
+    the block must have no hooks and not be the model itself. A BN left on the sum (`then_bn`) folds into the merged conv"""
+    none,nodes = ('', (), 0, ''),[b.node for b in bs]
+    def raw(t): return isinstance(t, fx.Node) and _source(t, flow) is bs[0].src
+    if any(t not in nodes and not raw(t) and not (isinstance(t, (int, float)) and t == 0) for t in terms): return none # another term stays in the sum
+    identity = sum(map(raw, terms))
+    if identity and not _identity_fits(_geometry(_module(flow, bs[0].name), None)): return none
+    block = _owner(chain[0], flow)
+    if not block or _hooked(_module(flow, block)): return none
+    def inside(n): o = _owner(n, flow); return o is not None and (o == block or o.startswith(block + '.'))
+    mine = [n for n in flow.graph.nodes if n.op not in ('placeholder', 'output', 'get_attr') and inside(n)]
+    gone = set(chain) | set(nodes[1:]) | {_single_input(b.node) for b in bs[1:] if b.bn} # the emptied branches and the sum
+    into = [_single_input(bs[0].node), bs[0].node] if bs[0].bn else [bs[0].node]
+    live,x = [n for n in mine if n not in gone],_single_input(into[0]) # each must call a module of the block on what the one before gave, the first on the block's input `x`
+    if x in mine: return none
+    def value(n): return chain[0] if n is into[-1] else n # the sum is now the merged branch's output
+    rel = block[len(flow.prefix):].lstrip('.') # its name in the flow's root
+    prefix = rel + '.' if rel else ''
+    for i,n in enumerate(live):
+        if n.op != 'call_module' or not n.target.startswith(prefix) or _single_input(n) is not (value(live[i-1]) if i else x): return none
+        us = set(value(n).users)
+        if (us != {live[i+1]}) if i+1 < len(live) else (us & set(mine)): return none
+    names,then_bn = [flow.name(n.target)[len(block)+1:] for n in live],''
+    after = live[live.index(into[-1])+1] if into[-1] is not live[-1] else None # what the sum feeds
+    if after is not None and (bn := flow.module(after)) is not None and is_bn(bn) and (name := flow.name(after.target)) in lefts:
+        if not (_bn_problem(bn) or flow.shared(bn) or _tail_problem(bn, name) or bn.running_mean.numel() != _module(flow, bs[0].name).out_channels
+                or bn_flavour(bn).ndim not in (None, len(_module(flow, bs[0].name).kernel_size))):
+            then_bn = name; names.remove(name[len(block)+1:])
+    return block, tuple(names), identity, then_bn
+
+def _identity_fits(g:_Geometry) -> bool:
+    "Does the input itself line up with a conv of geometry `g`: same size, the centre tap on each position?"
+    return g.cin == g.cout and all(s == 1 for s in g.stride) and g.padding is not None and all(
+        k % 2 and 2*p == d*(k-1) for k,d,p in zip(g.kernel, g.dilation, g.padding))
+
 def _merges(flows:list[_Flow], pairs:list, left:list) -> tuple[list,list]:
     """`(merges, unmerged)` in the graphs of `flows`: the sums whose branches read one tensor and line up, and those that do not.
     A BN merged as a branch moves from `left` to `pairs` (`where='merged'`); one left gets the merge's reason"""
@@ -909,12 +959,11 @@ def _merges(flows:list[_Flow], pairs:list, left:list) -> tuple[list,list]:
                     continue
                 bs = [bs[i]] + bs[:i] + bs[i+1:]
                 traced_at = next((n.meta['shape'] for n in flow.graph.nodes if n.op == 'call_module' and flow.name(n.target) == bs[0].name and 'shape' in n.meta), '')
-                m = MergedBranches(bs[0].name, tuple((b.kind, b.name) for b in bs), traced_at)
+                m = MergedBranches(bs[0].name, tuple((b.kind, b.name) for b in bs), traced_at, *_block_chain(flow, terms, chain, bs, lefts))
                 merges.append(m)
-                for b in bs:
-                    if b.kind == 'bn':
-                        if b.name in lefts: left.remove(lefts.pop(b.name))
-                        pairs.append(FoldedPair(m.into, b.name, 'merged', traced_at=traced_at, merge=m))
+                for name in [b.name for b in bs if b.kind == 'bn'] + [m.then_bn]*bool(m.then_bn):
+                    if name in lefts: left.remove(lefts.pop(name))
+                    pairs.append(FoldedPair(m.into, name, 'merged', traced_at=traced_at, merge=m))
     return merges, unmerged
 
 def find_folds(model:nn.Module, # the model to read, in eval mode
