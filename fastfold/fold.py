@@ -200,7 +200,7 @@ def empty_branch(m:nn.Module, # a conv, or a BN alone, whose branch moved into t
 
 class Chain(NamedTuple):
     "What replaces a block whose `forward`, once merged, calls its modules `names` one after the other: `nn.Sequential` of them"
-    names: tuple
+    names: tuple # full names in the model
 
 @torch.no_grad()
 def merged_branch_params(model:nn.Module, # the model, not changed
@@ -256,8 +256,8 @@ def apply_plan(model:nn.Module, pairs:list[FoldedPair], edits:dict[str,tuple[nn.
             undo.append((p.bn, _put(model, p.bn, bn_flavour(bn).tail(bn))))
         for name,e in edits.items():
             if not isinstance(e, Chain): continue
-            block = model.get_submodule(name)
-            parts = [(n.replace('.', '_'), m) for n in e.names if not isinstance(m := block.get_submodule(n), nn.Identity)]
+            parts = [((n[len(name)+1:] if n.startswith(name + '.') else n).replace('.', '_'), m) for n in e.names
+                     if not isinstance(m := model.get_submodule(n), nn.Identity)]
             undo.append((name, _put(model, name, nn.Sequential(OrderedDict(parts)))))
     except BaseException:
         _undo(model, undo); raise

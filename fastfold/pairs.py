@@ -620,6 +620,7 @@ class _RunRecorder(TorchFunctionMode):
             node = self.graph.call_module(self.names[id(m)], self._arg_nodes(tuple(args)), self._arg_nodes(dict(kwargs)))
             node.meta['shape'] = ' and '.join('x'.join(map(str, a.shape)) for a in tree_leaves((args, kwargs)) if isinstance(a, Tensor))
             self._record(node, [a for a in tree_leaves((args, kwargs)) if isinstance(a, Tensor)], out, node.target.rpartition('.')[0])
+            node.meta['caller'] = self.names.get(id(self.stack[-1][0]), '') if self.stack else '' # whose code called it: a module may be registered elsewhere
         self.busy = False
 
 # %% ../nbs/01a_pairs.ipynb #b79bcd23
@@ -739,7 +740,7 @@ class MergedBranches:
     branches: tuple # `(kind, name)` of each branch merged, `into` first: ('conv', a conv, its BN folded first) or ('bn', a BN alone)
     traced_at: str = '' # read from the sample run, not from fx: the input shape of `into` there
     block: str = '' # the module whose `forward`, once merged, only calls `chain` one after the other: it becomes `nn.Sequential` of them
-    chain: tuple = () # the names in `block` of the modules its `forward` then calls, in order
+    chain: tuple = () # the full names of the modules its `forward` then calls, in order
     identity: int = 0 # times the sum adds its input itself, merged too (only where `block` becomes a chain)
     then_bn: str = '' # a BN on the sum, folded into the merged conv (only where `block` becomes a chain)
 
@@ -885,14 +886,16 @@ def _module(flow:_Flow, name:str) -> nn.Module:
 # %% ../nbs/01a_pairs.ipynb #bdd0a869
 def _owner(n:fx.Node, flow:_Flow) -> str|None:
     "The full name of the module whose code made node `n` (for a leaf module's call, the one that called it)"
-    if 'owner' in n.meta: return n.meta['owner'] # a sample run's node
+    if 'caller' in n.meta: return n.meta['caller'] # a sample run's leaf call
+    if 'owner' in n.meta: return n.meta['owner'] # a sample run's other node
     stack = list(n.meta.get('nn_module_stack', {}).values())
     if n.op == 'call_module': stack = stack[:-1] # the leaf itself
     return flow.name(stack[-1][0]) if stack else flow.prefix
 
 def _block_chain(flow:_Flow, terms:list, chain:list, bs:list[_Branch], lefts:dict) -> tuple[str,tuple,int,str]:
     """`(block, names, identity, then_bn)` where the module `block` whose code makes the sum does nothing else, once `bs`
-    are merged into `bs[0]`, than call the modules `names` one after the other on its one input; else `('', (), 0, '')`.
+    are merged into `bs[0]`, than call the modules `names` (full names: one may be registered elsewhere, as ultralytics'
+    shared `Conv.default_act`) one after the other on its one input; else `('', (), 0, '')`.
     The sum must add only the branches, `int` zeros and the input itself (`identity` times, merged too, as the add goes);
     the block must have no hooks and not be the model itself. A BN left on the sum (`then_bn`) folds into the merged conv"""
     none,nodes = ('', (), 0, ''),[b.node for b in bs]
@@ -909,18 +912,16 @@ def _block_chain(flow:_Flow, terms:list, chain:list, bs:list[_Branch], lefts:dic
     live,x = [n for n in mine if n not in gone],_single_input(into[0]) # each must call a module of the block on what the one before gave, the first on the block's input `x`
     if x in mine: return none
     def value(n): return chain[0] if n is into[-1] else n # the sum is now the merged branch's output
-    rel = block[len(flow.prefix):].lstrip('.') # its name in the flow's root
-    prefix = rel + '.' if rel else ''
     for i,n in enumerate(live):
-        if n.op != 'call_module' or not n.target.startswith(prefix) or _single_input(n) is not (value(live[i-1]) if i else x): return none
+        if n.op != 'call_module' or _single_input(n) is not (value(live[i-1]) if i else x): return none
         us = set(value(n).users)
         if (us != {live[i+1]}) if i+1 < len(live) else (us & set(mine)): return none
-    names,then_bn = [flow.name(n.target)[len(block)+1:] for n in live],''
+    names,then_bn = [flow.name(n.target) for n in live],''
     after = live[live.index(into[-1])+1] if into[-1] is not live[-1] else None # what the sum feeds
     if after is not None and (bn := flow.module(after)) is not None and is_bn(bn) and (name := flow.name(after.target)) in lefts:
         if not (_bn_problem(bn) or flow.shared(bn) or _tail_problem(bn, name) or bn.running_mean.numel() != _module(flow, bs[0].name).out_channels
                 or bn_flavour(bn).ndim not in (None, len(_module(flow, bs[0].name).kernel_size))):
-            then_bn = name; names.remove(name[len(block)+1:])
+            then_bn = name; names.remove(name)
     return block, tuple(names), identity, then_bn
 
 def _identity_fits(g:_Geometry) -> bool:

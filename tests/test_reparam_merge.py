@@ -71,7 +71,7 @@ def test_a_block_that_becomes_a_chain_is_replaced_by_sequential():
     "Once merged, the block only calls the merged conv then `act`: it becomes `nn.Sequential` of them, with no add left"
     model = nn.Sequential(RepVGG(), RepVGG())
     folded,r = fold(model, x_of(2, 4, 6, 6))
-    assert [mg.block for mg in r.merged] == ['0', '1'] and r.merged[0].chain == ('conv_kxk.0', 'conv_kxk.1', 'act')
+    assert [mg.block for mg in r.merged] == ['0', '1'] and r.merged[0].chain == ('0.conv_kxk.0', '0.conv_kxk.1', '0.act')
     assert [[type(c) for c in b] for b in folded] == [[nn.Conv2d, nn.ReLU]]*2
     assert type(folded) is nn.Sequential and type(model[0]) is RepVGG # the root class is kept, the input model untouched
     assert "  merged `0.conv_kxk.0`, `0.conv_1x1.0`, `0.identity` into `0.conv_kxk.0`; `0` is now `nn.Sequential` of what it calls" in str(r)
@@ -102,7 +102,7 @@ def test_a_chain_merges_the_raw_input_and_folds_the_bn_on_the_sum():
     "Once the block is a chain, its sum's add goes: the input itself merges as a one-tap kernel, and the BN after the sum folds"
     folded,r = fold(nn.Sequential(RepViTDw(), RepViTDw()), x_of(2, 4, 6, 6))
     m = r.merged[0]
-    assert (m.into, m.block, m.chain, m.identity, m.then_bn) == ('0.conv.0', '0', ('conv.0', 'conv.1'), 1, '0.bn')
+    assert (m.into, m.block, m.chain, m.identity, m.then_bn) == ('0.conv.0', '0', ('0.conv.0', '0.conv.1'), 1, '0.bn')
     assert (len(r.folded), r.n_bn, len(bn_layers(folded)), n_convs(folded)) == (4, 4, 0, 2)
     assert '  merged `0.conv.0`, `0.conv1`, the input into `0.conv.0`, then `0.bn`; `0` is now `nn.Sequential` of what it calls' in str(r)
 
@@ -118,6 +118,23 @@ def test_the_raw_input_that_does_not_line_up_stays_a_term():
         def forward(self, x): return self.a(x) + self.b(x) + x
     folded,r = fold(nn.Sequential(Broadcast()), x_of(2, 4, 2, 2))
     assert (len(r.merged), r.merged[0].block, r.merged[0].identity) == (1, '', 0)
+
+def test_a_chain_keeps_a_module_registered_elsewhere():
+    "ultralytics' `Conv.default_act` is one module shared by every block; a block fx cannot trace is read from the sample run"
+    class Untraceable(RepVGG):
+        def forward(self, x):
+            if x.shape[-1] > 0: x = self.conv_1x1(x) + self.conv_kxk(x) + self.identity(x)
+            return self.act(x)
+    model = nn.Sequential(Untraceable(), Untraceable())
+    model[1].act = model[0].act = nn.Hardswish()
+    model = randomize_bn(model).eval()
+    x = x_of(2, 4, 6, 6)
+    folder = BN_Folder()
+    folded = folder.fold(model, sample=x) # fx cannot trace the blocks: read from the sample run
+    assert [m.chain for m in folder.report.merged] == [('0.conv_kxk.0', '0.conv_kxk.1', '0.act'), ('1.conv_kxk.0', '1.conv_kxk.1', '0.act')]
+    with torch.inference_mode(): d,s = output_difference(model(x), folded(x))
+    assert d <= 1e-5*s
+    assert folded[1][-1] is folded[0][-1] and len(bn_layers(folded)) == 0
 
 def test_merges_where_the_block_adds_in_place_into_a_branch():
     "MobileOne's `out = conv_scale(x); out += conv(x)`: the emptied branch must give a new tensor, not its input"
