@@ -22,8 +22,8 @@ from .pairs import _name, _geometry
 # %% auto #0
 __all__ = ['bn_scale_shift', 'scale_out_channels', 'fold_bn_after', 'fold_bn_before', 'widen_affine', 'fold_bn_before_conv',
            'pad_kernel', 'identity_kernel', 'merge_kernels', 'folded_layer_params', 'fold_plan', 'empty_branch',
-           'Chain', 'merged_branch_params', 'apply_plan', 'FoldCheckError', 'FoldReport', 'n_params',
-           'output_difference', 'float64_difference', 'BN_Folder']
+           'merged_branch_params', 'apply_plan', 'FoldCheckError', 'FoldReport', 'n_params', 'output_difference',
+           'float64_difference', 'BN_Folder']
 
 # %% ../nbs/02_fold.ipynb #effa30cd
 def bn_scale_shift(mean:Tensor, # BN running mean
@@ -198,7 +198,7 @@ def empty_branch(m:nn.Module, # a conv, or a BN alone, whose branch moved into t
     if g.cin != g.cout: parts.append(getattr(nn, f'ZeroPad{nd+1}d')((0, 0)*nd + (0, g.cout-g.cin))) # channels added (or cut) at the end
     return parts[0] if len(parts) == 1 else nn.Sequential(*parts)
 
-class Chain(NamedTuple):
+class _Chain(NamedTuple):
     "What replaces a block whose `forward`, once merged, calls its modules `names` one after the other: `nn.Sequential` of them"
     names: tuple # full names in the model
 
@@ -207,7 +207,7 @@ def merged_branch_params(model:nn.Module, # the model, not changed
                          merge:MergedBranches, # from `find_folds`
                          edits:dict, # `fold_plan`'s new `(weight, bias)` of the folded convs
                         ) -> dict:
-    "The merged conv's new `(weight, bias)`, what replaces each other branch's conv or BN (`empty_branch`), and the block's `Chain` where it is one, keyed by name"
+    "The merged conv's new `(weight, bias)`, what replaces each other branch's conv or BN (`empty_branch`), and the block's `_Chain` where it becomes one, keyed by name"
     into = model.get_submodule(merge.into)
     K,G,w0 = tuple(into.kernel_size),into.groups,into.weight
     kernels,out = [],{}
@@ -221,7 +221,7 @@ def merged_branch_params(model:nn.Module, # the model, not changed
             kernels.append((w.detach().double(), None if b is None else b.detach().double()))
         if name != merge.into: out[name] = empty_branch(m, len(K))
     if merge.identity: kernels.append((identity_kernel(torch.full((into.out_channels,), float(merge.identity), dtype=torch.float64, device=w0.device), G, K), None))
-    if merge.block: out[merge.block] = Chain(merge.chain)
+    if merge.block: out[merge.block] = _Chain(merge.chain)
     w,b = merge_kernels(kernels, K)
     if merge.then_bn: w,b = fold_bn_after(w, b, *(t.to(w0.device) for t in _valid_bn_affine(merge.then_bn, model.get_submodule(merge.then_bn))))
     rg = w0.requires_grad
@@ -243,11 +243,11 @@ def _put(model:nn.Module, target:str, new) -> object:
     return old
 
 def apply_plan(model:nn.Module, pairs:list[FoldedPair], edits:dict[str,tuple[nn.Parameter,nn.Parameter]]) -> Callable[[],None]:
-    "Set the new weights and biases of `edits` in `model`, put in the modules it holds, replace each folded BN by its tail, then each `Chain` block by `nn.Sequential`; returns an undo"
+    "Set the new weights and biases of `edits` in `model`, put in the modules it holds, replace each folded BN by its tail, then each `_Chain` block by `nn.Sequential`; returns an undo"
     undo = [] # `(target, what was there)`, in the order they were replaced
     try:
         for name,e in edits.items():
-            if isinstance(e, Chain): continue # last: it holds the modules as edited
+            if isinstance(e, _Chain): continue # last: it holds the modules as edited
             if isinstance(e, nn.Module): undo.append((name, _put(model, name, e))); continue
             for target,new in ((_name(name, 'weight'), e[0]), (_name(name, 'bias'), e[1])): undo.append((target, _put(model, target, new)))
         for p in pairs:
@@ -255,7 +255,7 @@ def apply_plan(model:nn.Module, pairs:list[FoldedPair], edits:dict[str,tuple[nn.
             bn = model.get_submodule(p.bn)
             undo.append((p.bn, _put(model, p.bn, bn_flavour(bn).tail(bn))))
         for name,e in edits.items():
-            if not isinstance(e, Chain): continue
+            if not isinstance(e, _Chain): continue
             parts = [((n[len(name)+1:] if n.startswith(name + '.') else n).replace('.', '_'), m) for n in e.names
                      if not isinstance(m := model.get_submodule(n), nn.Identity)]
             undo.append((name, _put(model, name, nn.Sequential(OrderedDict(parts)))))
@@ -403,7 +403,7 @@ def _warn_if_pretrained(model:nn.Module):
 
 # %% ../nbs/02_fold.ipynb #ddd9e605
 class BN_Folder:
-    "Fold every BatchNorm next to a Conv, ConvTranspose or Linear into that layer, replacing the BN by `nn.Identity`"
+    "Fold every BatchNorm next to a Conv, ConvTranspose or Linear into that layer, replacing the BN by `nn.Identity`, and merge the parallel branches of a sum into one conv"
     def __init__(self,
                  rtol:float|None=None, # sample check: allowed error relative to the largest output (default 1e-4; 1e-2 fp16, 5e-2 bf16)
                  atol:float=0., # sample check: allowed absolute error on top of `rtol`
@@ -480,7 +480,7 @@ def _copy_for_fold(model, pairs, edits):
     "One deepcopy of `model`, skipping what the fold replaces anyway (unless it is tied or registered elsewhere)"
     uses = {}
     for _,t in [*model.named_parameters(remove_duplicate=False), *model.named_modules(remove_duplicate=False)]: uses[id(t)] = uses.get(id(t), 0) + 1
-    replaced = [t for n,e in edits.items() if not isinstance(e, (nn.Module, Chain)) for t in (model.get_submodule(n).weight, model.get_submodule(n).bias) if t is not None]
+    replaced = [t for n,e in edits.items() if not isinstance(e, (nn.Module, _Chain)) for t in (model.get_submodule(n).weight, model.get_submodule(n).bias) if t is not None]
     replaced += [bn for p in pairs if not keeps_tail(bn := model.get_submodule(p.bn))]
     return copy.deepcopy(model, {id(t): t for t in replaced if uses.get(id(t)) == 1})
 
