@@ -34,12 +34,22 @@ def _torchvision_names() -> tuple[frozenset,frozenset]:
     return (frozenset(torchvision.models.list_models()),
             frozenset(torchvision.models.list_models(module=torchvision.models.optical_flow)))
 
-def model_source(name:str, # a torchvision or timm model name, or a fastai learner `.pkl` file
+def _ultralytics_source(name:str) -> str:
+    "'ultralytics' if `name` is a model yaml file ultralytics finds (its own, or a local path); `BenchError` if not"
+    if '://' in name: raise BenchError(f'{name!r}: fastfold-bench downloads nothing; name an ultralytics model file or a local one')
+    try: from ultralytics.nn.tasks import yaml_model_load
+    except ImportError: raise BenchError(f'{name!r} names an ultralytics model file, and ultralytics is not installed') from None
+    try: yaml_model_load(name) # reads the file: builds nothing
+    except Exception as e: raise BenchError(f'unknown ultralytics model {name!r}: {one_line(e)}') from None
+    return 'ultralytics'
+
+def model_source(name:str, # a torchvision or timm model name, an ultralytics model `.yaml`, or a fastai learner `.pkl` file
                 ) -> str:
-    "Where `name` comes from: 'learner', 'torchvision' or 'timm'; `BenchError` if nowhere"
+    "Where `name` comes from: 'learner', 'torchvision', 'timm' or 'ultralytics'; `BenchError` if nowhere"
     if name.endswith('.pkl'):
         if not Path(name).is_file(): raise BenchError(f'no fastai learner file {name!r}')
         return 'learner'
+    if name.endswith(('.yaml', '.yml')): return _ultralytics_source(name)
     names,flow = _torchvision_names()
     if name in flow:
         raise BenchError(f'{name!r} is a torchvision optical flow model (a pair of images in, a flow field out): '
@@ -49,8 +59,8 @@ def model_source(name:str, # a torchvision or timm model name, or a fastai learn
     except ImportError: timm = None
     if timm is not None and timm.is_model(name): return 'timm'
     hint = '' if timm is not None else ' (timm is not installed)'
-    raise BenchError(f'unknown model {name!r}: not a torchvision model, a timm model{hint}, '
-                     f'or a fastai learner .pkl file')
+    raise BenchError(f'unknown model {name!r}: not a torchvision model, a timm model{hint}, an ultralytics '
+                     f'.yaml file, or a fastai learner .pkl file')
 
 # %% ../nbs/06a_bench_models.ipynb #6073ffee
 @contextmanager
@@ -76,7 +86,29 @@ def _torchvision_model(name):
     if 'weights_backbone' in inspect.signature(torchvision.models.get_model_builder(name)).parameters: kw['weights_backbone'] = None
     return torchvision.models.get_model(name, **kw)
 
-def load_model(name:str, # torchvision or timm model name, or fastai learner `.pkl` file
+def _timm_model(name):
+    import timm
+    return timm.create_model(name, pretrained=False)
+
+_ULTRALYTICS_CLASSES = {'detect': 'DetectionModel', 'segment': 'SegmentationModel', 'classify': 'ClassificationModel',
+                        'pose': 'PoseModel', 'obb': 'OBBModel'} # `guess_model_task` of a yaml file -> the class to build
+
+def _ultralytics_model(name):
+    "ultralytics' model `name` built from its yaml file, with random weights (its log kept quiet): RT-DETR where the head is an `RTDETRDecoder`"
+    import logging
+    from ultralytics.nn import tasks
+    cfg = tasks.yaml_model_load(name)
+    rtdetr = any(layer[2] == 'RTDETRDecoder' for layer in cfg.get('head', []))
+    cls = getattr(tasks, 'RTDETRDetectionModel' if rtdetr else _ULTRALYTICS_CLASSES[tasks.guess_model_task(cfg)])
+    log = logging.getLogger('ultralytics')
+    level = log.level
+    log.setLevel(logging.ERROR) # building warns of a guessed scale ('rtdetr-l.yaml' has none)
+    try: return cls(cfg, verbose=False)
+    finally: log.setLevel(level)
+
+_LOADERS = {'torchvision': _torchvision_model, 'timm': _timm_model, 'ultralytics': _ultralytics_model} # a named model's source -> its builder
+
+def load_model(name:str, # torchvision or timm model name, ultralytics model `.yaml`, or fastai learner `.pkl` file
                seed:int=0, # seeds the random weights of a named model
                trust:bool=False, # load a learner file with Python's pickle, unchecked: only for a file from a source you trust
                source:str|None=None, # `model_source(name)`, when the caller has it already
@@ -87,9 +119,7 @@ def load_model(name:str, # torchvision or timm model name, or fastai learner `.p
     if src == 'learner': return _learner_model(name, trust, modules)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if src == 'torchvision': return _torchvision_model(name).eval()
-        import timm
-        return timm.create_model(name, pretrained=False).eval()
+        return _LOADERS[src](name).eval()
 
 # %% ../nbs/06a_bench_models.ipynb #639e516f
 def equal_work(model:nn.Module) -> nn.Module:
@@ -272,7 +302,7 @@ def bn_left(model:nn.Module, x:Tensor) -> int:
 def _to(x, device): return [t.to(device) for t in x] if isinstance(x, list) else x.to(device)
 def _shape(x) -> str: return f'list of {len(x)} {tuple(x[0].shape)}' if isinstance(x, list) else str(tuple(x.shape))
 
-def prepared_model(m, # a name (torchvision, timm, learner `.pkl`), a module, or a `(name, module)` pair
+def prepared_model(m, # a name (torchvision, timm, ultralytics `.yaml`, learner `.pkl`), a module, or a `(name, module)` pair
                    source:str|None, # `model_source(m)` for a name, `None` for a module
                    seed:int=0, # seeds weights, BN statistics and the calibration input
                    size:int=224, # image size of the calibration input (and of a detector's images)
@@ -290,7 +320,7 @@ def prepared_model(m, # a name (torchvision, timm, learner `.pkl`), a module, or
         if source is None: model = copy.deepcopy(model) # the module given is left as it was
         if t.resize is not None: t.resize(model, size)
         if t.same_work is not None: t.same_work(model)
-    if source in ('torchvision', 'timm'):
+    if source in _LOADERS:
         x = model_input(task, 4, size, input_channels(model), torch.Generator().manual_seed(seed))
         try: calibrate_bn(model, x, seed)
         except Exception as e: raise BenchError(f'{name} fails on a {_shape(x)} input: {one_line(e)}') from None

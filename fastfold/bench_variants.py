@@ -15,15 +15,15 @@ import torch
 from torch import nn
 from .core import one_line
 from .layers import bn_layers, bn_flavour
-from .fold import BN_Folder, n_params, output_difference
+from .fold import BN_Folder, n_params, output_difference, _tensors
 from .inputs import input_channels
 from .bench_models import (BenchError, Task, TASKS, prepared_model, model_input, counting_nms, match_detections,
                                    bn_left, calibrate_bn, _to, _shape)
 from .bench_timing import _is_cuda, time_block, interleaved_times, calls_per_block
 
 # %% auto #0
-__all__ = ['no_bn', 'fx_fuse', 'Variant', 'make_variants', 'Part', 'BenchModel', 'bench_model', 'exact_output', 'paired_ratio',
-           'targets']
+__all__ = ['DEPLOY_FORMS', 'no_bn', 'deploy_form', 'fx_fuse', 'Variant', 'make_variants', 'Part', 'BenchModel', 'bench_model',
+           'exact_output', 'paired_ratio', 'targets']
 
 # %% ../nbs/06c_bench_variants.ipynb #454eac9c
 def no_bn(model:nn.Module) -> nn.Module:
@@ -35,6 +35,27 @@ def no_bn(model:nn.Module) -> nn.Module:
         if not name: return tail
         out.set_submodule(name, tail)
     return out
+
+def _has_reparameterize(model): return any(hasattr(m, k) for m in model.modules() for k in ('reparameterize', 'switch_to_deploy', 'fuse'))
+
+def _timm_deploy(model):
+    from timm.utils.model import reparameterize_model
+    return reparameterize_model(model) # on a deep copy
+
+def _ultralytics_deploy(model): return copy.deepcopy(model).fuse(verbose=False)
+
+DEPLOY_FORMS = { # library of the model's class -> (does the model have a deploy form, make it from the model on a copy)
+    'timm': (_has_reparameterize, _timm_deploy), # what `reparameterize_model` calls, module by module
+    'ultralytics': (lambda m: callable(getattr(m, 'fuse', None)), _ultralytics_deploy)}
+
+def _deploy_maker(model:nn.Module) -> Callable|None:
+    has,make = DEPLOY_FORMS.get(type(model).__module__.split('.')[0], (None, None))
+    return make if has is not None and has(model) else None
+
+def deploy_form(model:nn.Module) -> nn.Module|None:
+    "The inference form `model`'s own library makes of it, on a copy (`DEPLOY_FORMS`); `None` if its library has none for it"
+    make = _deploy_maker(model)
+    return None if make is None else make(model)
 
 def fx_fuse(model:nn.Module) -> nn.Module:
     "`torch.fx.experimental.optimization.fuse` of `model` (raises when `model` does not trace)"
@@ -48,21 +69,28 @@ class Variant:
     name: str
     fn: Callable|None
     module: nn.Module|None = None
-    fold_s: float = math.nan # median time to make it from the original (fastfold, fx_fuse)
+    fold_s: float = math.nan # median time to make it from the original (fastfold, fx_fuse, deploy)
     note: str = ''
 
-def _fastfold(model):
+def _fastfold(model, sample=None):
+    "Fold `model`; again with `sample` where BN are left and fx could not trace all of it (ultralytics' models): a run reads them"
     f = BN_Folder(); out = f.fold(model)
-    return out, f'folded {len(f.report.folded)}/{f.report.n_bn} BN'
+    if sample is None or not (f.report.left and f.report.untraceable): return out, f'folded {len(f.report.folded)}/{f.report.n_bn} BN'
+    out = f.fold(model, sample=sample)
+    return out, f'folded {len(f.report.folded)}/{f.report.n_bn} BN, with a sample'
 
 def _fx_fuse(model): return fx_fuse(model), ''
+
 
 def make_variants(model:nn.Module, # the original, in eval mode
                   fold_reps:int=3, # folds per folding variant; the median time is kept
                   compiled:bool=False, # add `torch.compile` of the original and of the folded model
+                  sample=None, # an input: fastfold folds with it where it cannot trace the model (its time included)
                  ) -> dict[str,Variant]:
-    "`original`, `fastfold`, `fx_fuse` and `no_bn` (plus compiled ones) of `model`, with the time each fold took"
-    makers,made,times,failed = {'fastfold': _fastfold, 'fx_fuse': _fx_fuse},{},{'fastfold': [], 'fx_fuse': []},{}
+    "`original`, `fastfold`, `fx_fuse`, `deploy` (where the model's library has one) and `no_bn` (plus compiled ones) of `model`, with the time each fold took"
+    makers,made,failed = {'fastfold': lambda m: _fastfold(m, sample), 'fx_fuse': _fx_fuse},{},{}
+    if (deploy := _deploy_maker(model)) is not None: makers['deploy'] = lambda m: (deploy(m), '')
+    times = {k: [] for k in makers}
     for _ in range(fold_reps):
         for k,make in makers.items():
             if k in failed: continue
@@ -124,11 +152,11 @@ def bench_model(m, # a name, a module, or a `(name, module)` pair
     name,model,task = prepared_model(m, source, seed, size, device, trust, modules)
     t,c = TASKS[task],input_channels(model)
     x1 = _to(model_input(task, 1, size, c, torch.Generator().manual_seed(seed)), device)
-    vs = make_variants(model, fold_reps, compiled)
+    vs = make_variants(model, fold_reps, compiled, x1)
     parts = {'model': Part(t, vs, _bn_counts(name, vs, x1))}
     if t.backbone is not None and isinstance(getattr(model, 'backbone', None), nn.Module):
         with torch.inference_mode(): xb = t.backbone(model, x1)
-        bvs = make_variants(model.backbone, fold_reps, compiled)
+        bvs = make_variants(model.backbone, fold_reps, compiled, xb)
         parts['backbone'] = Part(TASKS['classification'], bvs, _bn_counts(f'{name}.backbone', bvs, xb))
     return BenchModel(name, model, task, c, parts)
 
@@ -183,7 +211,9 @@ def _measure(name:str, p:Part, x, b:int, s:int, device, reps:int, warmup:int, mi
             rows[k] = _row(name, b, s, device, v, part, note=f'{k} failed: {one_line(e)}'); continue
         if k == 'original': ref,ref_boxes,n = out,boxes,calls_per_block(last, min_time)
         kw = _output_columns(ref, out, t, boxes, exact)
-        note = v.note if math.isfinite(kw['max_abs_diff']) else f'{v.note}; non-finite output'.lstrip('; ')
+        other = [tuple(t.shape) for t in _tensors(out)] != [tuple(t.shape) for t in _tensors(ref)]
+        note = (v.note if math.isfinite(kw['max_abs_diff']) else
+                f'{v.note}; {"returns other tensors than the original" if other else "non-finite output"}'.lstrip('; '))
         if kw.get('same_detections') is False: note = f'{note}; detections differ'.lstrip('; ')
         if 'nms_boxes' in kw and boxes != ref_boxes: note = f'{note}; other boxes through NMS'.lstrip('; ')
         rows[k] = _row(name, b, s, device, v, part, params=n_params(v.module), bn_left=p.bn_counts[k],
@@ -202,6 +232,7 @@ def paired_ratio(a:list[float], b:list[float]) -> float:
 # %% ../nbs/06c_bench_variants.ipynb #29f111c5
 def targets(df:pd.DataFrame, # `bench`'s rows
             tol:float=0.02, # latency ratios pass up to `1+tol`
+            deploy_tol:float=0.05, # the ratio to the library's own deploy form passes up to `1+deploy_tol`
             rtol:float=1e-4, # output differences pass up to `rtol` of the largest output
            ) -> pd.DataFrame:
     "The target checks, measured from `bench`'s rows: one row per check with the measured value and PASS/FAIL"
@@ -212,7 +243,7 @@ def targets(df:pd.DataFrame, # `bench`'s rows
     folds = {}
     for key,g in df.groupby(['model', 'batch_size', 'size', 'part'], sort=False):
         r = {row.variant: row for row in g.itertuples()}
-        o,ff,nb,fx = (r.get(k) for k in ('original', 'fastfold', 'no_bn', 'fx_fuse'))
+        o,ff,nb,fx,dep = (r.get(k) for k in ('original', 'fastfold', 'no_bn', 'fx_fuse', 'deploy'))
         if ff is None: continue
         ran = bool(ff.ms_reps)
         if fx is not None and not fx.ms_reps:
@@ -236,6 +267,9 @@ def targets(df:pd.DataFrame, # `bench`'s rows
             m = paired_ratio(ff.ms_reps, fx.ms_reps)
             add('fastfold / fx_fuse latency', key, m, f'<= {1+tol:.2f}', m <= 1+tol)
             folds.setdefault((key[0], key[3]), (key, ff.fold_s/fx.fold_s))
+        if dep is not None and dep.ms_reps:
+            m = paired_ratio(ff.ms_reps, dep.ms_reps)
+            add('fastfold / deploy latency', key, m, f'<= {1+deploy_tol:.2f}', m <= 1+deploy_tol)
     for key,m in folds.values():
         add('fastfold / fx_fuse fold time', (key[0], None, None, key[3]), m, '<= 1.00', m <= 1)
     return pd.DataFrame(out, columns=['check', 'model', 'batch_size', 'size', 'part', 'measured', 'goal', 'result', 'detail'])

@@ -1,5 +1,7 @@
 "Tests of `fastfold.bench` and the `fastfold-bench` command: short runs (tiny inputs, two repetitions), nothing timed"
-import math, subprocess, sys
+import math, os, socket, subprocess, sys, tempfile
+os.environ.update(YOLO_OFFLINE='1')
+os.environ.setdefault('YOLO_CONFIG_DIR', tempfile.mkdtemp(prefix='fastfold-yolo-')) # ultralytics' settings: not ~/.config
 from pathlib import Path
 import pandas as pd, pytest, torch
 from torch import nn
@@ -165,9 +167,31 @@ def test_learner_file(tmp_path):
 @pytest.mark.parametrize('kw,msg', [(dict(models=['resnet18', 'no_such_net']), "unknown model 'no_such_net'"),
                                     (dict(models=['resnet18'], bs=[1, 0]), 'batch sizes must be at least 1'),
                                     (dict(models=['resnet18'], sizes=[0]), 'input sizes must be at least 1'),
-                                    (dict(models=['missing.pkl']), 'no fastai learner file')])
+                                    (dict(models=['missing.pkl']), 'no fastai learner file'),
+                                    (dict(models=['yolov99n.yaml']), "unknown ultralytics model 'yolov99n.yaml'")])
 def test_bad_requests(kw, msg):
     with pytest.raises(BenchError, match=msg): bench(**kw, progress=False)
+
+def test_deploy_variant():
+    "A timm model with a `reparameterize` gets `deploy` (timm's `reparameterize_model`): checked, timed, and judged beside fastfold"
+    d = bench(['repvgg_a0'], bs=[1], sizes=[32], **FAST)
+    assert list(d.variant) == ['original', 'fastfold', 'fx_fuse', 'deploy', 'no_bn']
+    dep = row(d, 'repvgg_a0', 'deploy')
+    assert dep.bn_left == 0 and dep.ms_median > 0 and dep.fold_s > 0 and dep.note == ''
+    assert dep.max_abs_diff <= 1e-4*dep.out_scale
+    v = targets(d)
+    lat = v[v.check == 'fastfold / deploy latency'].iloc[0]
+    assert lat.measured > 0 and lat.goal == '<= 1.05' and (lat.result == 'PASS') == (lat.measured <= 1.05)
+
+def test_ultralytics_by_yaml_name(monkeypatch):
+    "An ultralytics model named by its yaml file, built with random weights (nothing downloaded): fastfold folds it with a sample, as fx cannot trace it; `fuse()` is its deploy form"
+    def refuse(*a, **k): raise AssertionError('a test tried to reach the network')
+    monkeypatch.setattr(socket.socket, 'connect', refuse)
+    d = bench(['yolov10n.yaml'], bs=[1], sizes=[64], **FAST)
+    ff,dep = row(d, 'yolov10n.yaml', 'fastfold'),row(d, 'yolov10n.yaml', 'deploy')
+    assert ff.note.endswith(', with a sample') and ff.bn_left == 0 and ff.max_abs_diff <= 1e-4*ff.out_scale
+    assert dep.bn_left == 0 and dep.ms_median > 0
+    assert 'returns other tensors than the original' in dep.note # `fuse()` drops YOLOv10's one-to-many head
 
 def cli(*args, cwd=None): return subprocess.run([str(BENCH), *map(str, args)], capture_output=True, text=True, cwd=cwd)
 
