@@ -67,9 +67,8 @@ FAMILIES = {**{n: ((lambda n=n: timm_model(n)), lambda m: timm_deploy(m)[0]) for
             'textnet': (textnet, lambda m: one_conv_per(m, 'TextNetRepConvLayer')),
             'pp_lcnet_v3': (pp_lcnet_v3, lambda m: one_conv_per(m, 'PPLCNetV3LearnableRepLayer'))}
 # the BN left once branches merge, family by family, as fastfold says (issue 29, at this commit):
-# FastViT's RepMixer `x + layer_scale(mixer(x) - norm(x))` (a subtraction and a layer scale: `norm.identity` left),
-# and NextViT's BN before Linears through reshapes and pools (no branches: another rule)
-NOT_YET = {'fastvit_t8', 'nextvit_small'}
+# FastViT's RepMixer `x + layer_scale(mixer(x) - norm(x))` (a subtraction and a layer scale: `norm.identity` left)
+NOT_YET = {'fastvit_t8'}
 SELECTS = {'rtdetr-l'}
 NEEDS_SAMPLE = {'rtdetr-l', 'yolov10n', 'pp_lcnet_v3'} # fx cannot trace them: a run on the sample shows their data flow # picks its queries by `topk` of scores: float32 rounding may tip a pick, float64 may not
 LIBRARY = {'rtdetr-l': 'ultralytics', 'yolov10n': 'ultralytics', 'textnet': 'transformers', 'pp_lcnet_v3': 'transformers'}
