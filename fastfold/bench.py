@@ -190,7 +190,7 @@ def report(df:pd.DataFrame, machine:str, tol:float=0.02) -> str:
 
 @call_parse
 def fastfold_bench(
-    *models:str, # torchvision or timm model names, or fastai learner `.pkl` files, loaded through fastfold's checking loader (default: resnet18 mobilenet_v2 resnet50)
+    *models:str, # torchvision or timm model names, ultralytics `.yaml` names, or fastai learner `.pkl` files, loaded through fastfold's checking loader (default: resnet18 mobilenet_v2 resnet50)
     bs:Annotated[int, 'batch sizes (default: 1 32; with --train: 16)', {'nargs': '+'}]=None,
     size:Annotated[int, 'input sizes, square images (default: 160; with --train: 128)', {'nargs': '+'}]=None,
     device:str='cpu', # cpu or cuda
@@ -207,7 +207,7 @@ def fastfold_bench(
     Import:Annotated[str, "your own module a learner file may name (its model's), imported first; repeat for more", {'action': 'append'}]=None,
     train:bool=False, # time a fine-tuning step instead: fastai's default, FreezeBN(fuse=False) and FreezeBN(fuse=True), with the bytes kept for backward
 ):
-    "Benchmark BatchNorm folding: original, fastfold, fx_fuse and no_bn (the floor), interleaved, on this machine; `--train`: a fine-tuning step with and without FreezeBN and its fuse"
+    "Benchmark BatchNorm folding: original, fastfold, fx_fuse, no_bn (the floor) and the model library's deploy form, interleaved, on this machine; `--train`: a fine-tuning step with and without FreezeBN and its fuse"
     try:
         for opt,p in (('--csv', csv), ('--plot', plot)):
             if p and not Path(p).resolve().parent.is_dir(): raise BenchError(f'{opt} {p}: no folder {Path(p).parent}')
