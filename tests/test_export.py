@@ -16,6 +16,7 @@ from fastfold.fold import n_params, FoldReport, FoldCheckError
 from fastfold.freeze import FreezeBN
 from fastfold.export import *
 from fastfold.export import _fastai_export
+from _shared import NO_FASTFOLD_PRELUDE
 
 pytestmark = pytest.mark.slow # trains on real images and starts several processes
 N_PER_CLASS = 32
@@ -120,19 +121,7 @@ def predict(learn, image):
 
 def temp_files(d): return [p.name for p in Path(d).rglob('*.tmp')]
 
-NO_FASTFOLD = r'''
-import sys, json, warnings
-class NoFastfold:
-    "An import hook that makes `fastfold` impossible to import, as on a box where it is not installed"
-    def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] == 'fastfold': raise ModuleNotFoundError(f'No module named {name!r}', name=name)
-sys.meta_path.insert(0, NoFastfold())
-try: import fastfold
-except ImportError: pass
-else: sys.exit('fastfold could be imported')
-import torch
-from fastai.learner import load_learner
-warnings.simplefilter('ignore')
+NO_FASTFOLD = NO_FASTFOLD_PRELUDE + r'''
 fname,control,files = sys.argv[1],sys.argv[2],sys.argv[3:]
 try: load_learner(control); control_error = None
 except Exception as e: control_error = f'{type(e).__name__}: {e}'

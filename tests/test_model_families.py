@@ -9,9 +9,9 @@ float32 original's outputs to float32 rounding. Counts are those of each archite
 
 Nothing is downloaded: Hugging Face and ultralytics are told they are offline, ultralytics keeps its settings in a
 temporary folder, and every socket connection fails for the whole module."""
-import copy, os, socket, tempfile, warnings
-os.environ.update(HF_HUB_OFFLINE='1', TRANSFORMERS_OFFLINE='1', YOLO_OFFLINE='1')
-os.environ.setdefault('YOLO_CONFIG_DIR', tempfile.mkdtemp(prefix='fastfold-yolo-')) # not ~/.config
+import copy, warnings
+from _shared import offline_env, refuse_network
+offline_env()
 import pytest, torch
 from torch import nn
 import fastfold.fold
@@ -23,10 +23,7 @@ pytestmark = pytest.mark.filterwarnings('ignore:.*is a Hugging Face `PreTrainedM
 
 @pytest.fixture(autouse=True)
 def offline(monkeypatch):
-    "Any attempt to reach the network fails the test that made it"
-    def refuse(*a, **k): raise AssertionError('a test tried to reach the network')
-    monkeypatch.setattr(socket.socket, 'connect', refuse)
-    monkeypatch.setattr(socket, 'create_connection', refuse)
+    refuse_network(monkeypatch)
     torch.manual_seed(0)
 
 def inputs(*shape): return torch.randn(*shape, generator=torch.Generator().manual_seed(0))

@@ -10,9 +10,9 @@ The deploy forms are computed here, from the installed libraries, never written 
 
 Nothing is downloaded: Hugging Face and ultralytics are told they are offline, ultralytics keeps its settings in a
 temporary folder, and every socket connection fails for the whole module."""
-import copy, inspect, io, json, os, socket, subprocess, sys, tempfile, warnings
-os.environ.update(HF_HUB_OFFLINE='1', TRANSFORMERS_OFFLINE='1', YOLO_OFFLINE='1')
-os.environ.setdefault('YOLO_CONFIG_DIR', tempfile.mkdtemp(prefix='fastfold-yolo-')) # not ~/.config
+import copy, inspect, io, json, subprocess, sys, warnings
+from _shared import offline_env, refuse_network, NO_FASTFOLD_PRELUDE
+offline_env()
 import pytest, torch
 from torch import nn
 from fastfold.layers import bn_layers, randomize_bn
@@ -22,11 +22,7 @@ from fastfold.export import check_export_file
 pytestmark = pytest.mark.filterwarnings('ignore:.*is a Hugging Face `PreTrainedModel`')
 
 @pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    "Any attempt to reach the network fails the test that made it"
-    def refuse(*a, **k): raise AssertionError('a test tried to reach the network')
-    monkeypatch.setattr(socket.socket, 'connect', refuse)
-    monkeypatch.setattr(socket, 'create_connection', refuse)
+def offline(monkeypatch): refuse_network(monkeypatch)
 
 def n_convs(m:nn.Module) -> int: return sum(isinstance(c, nn.modules.conv._ConvNd) for c in m.modules())
 
@@ -133,19 +129,7 @@ def test_fewer_bn_than_timm_deploy_form(name):
     assert len(bn_layers(out)) < left or left == len(bn_layers(out)) == 0, r
 
 # ---- the folded models leave fastfold behind: pickled in a fastai Learner, loaded by fastai alone and by the checked loader
-NO_FASTFOLD = r'''
-import sys, json, warnings
-class NoFastfold:
-    "An import hook that makes `fastfold` impossible to import, as on a box where it is not installed"
-    def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] == 'fastfold': raise ModuleNotFoundError(f'No module named {name!r}', name=name)
-sys.meta_path.insert(0, NoFastfold())
-try: import fastfold
-except ImportError: pass
-else: sys.exit('fastfold could be imported')
-import torch
-from fastai.learner import load_learner
-warnings.simplefilter('ignore')
+NO_FASTFOLD = NO_FASTFOLD_PRELUDE + r'''
 FLAT
 out = {}
 for fname in sys.argv[1:]:
