@@ -202,6 +202,18 @@ class _Chain(NamedTuple):
     "What replaces a block whose `forward`, once merged, calls its modules `names` one after the other: `nn.Sequential` of them"
     names: tuple # full names in the model
 
+def _coef(model:nn.Module, factors:tuple, c:int, device) -> Tensor:
+    "The product of `factors` (numbers, or full names of per-channel Parameters or buffers of `model`) as `c` float64 factors, one per channel"
+    out = torch.ones(c, dtype=torch.float64, device=device)
+    for f in factors:
+        if isinstance(f, str): owner,_,attr = f.rpartition('.'); f = getattr(model.get_submodule(owner), attr).detach().double().flatten().to(device)
+        out = out * f
+    return out
+
+def _scaled(w:Tensor, b:Tensor|None, c:Tensor) -> tuple[Tensor,Tensor|None]:
+    "The kernel `w` and bias `b` of a conv whose output channels are multiplied by `c`"
+    return w * c.view(-1, *[1]*(w.dim()-1)), None if b is None else b * c
+
 @torch.no_grad()
 def merged_branch_params(model:nn.Module, # the model, not changed
                          merge:MergedBranches, # from `find_folds`
@@ -211,6 +223,7 @@ def merged_branch_params(model:nn.Module, # the model, not changed
     into = model.get_submodule(merge.into)
     K,G,w0 = tuple(into.kernel_size),into.groups,into.weight
     kernels,out = [],{}
+    fs = merge.coefs or ((),) * (len(merge.branches) + merge.identity)
     for kind,name in merge.branches:
         m = model.get_submodule(name)
         if kind == 'bn':
@@ -220,7 +233,8 @@ def merged_branch_params(model:nn.Module, # the model, not changed
             w,b = edits.get(name, (m.weight, m.bias))
             kernels.append((w.detach().double(), None if b is None else b.detach().double()))
         if name != merge.into: out[name] = empty_branch(m, len(K))
-    if merge.identity: kernels.append((identity_kernel(torch.full((into.out_channels,), float(merge.identity), dtype=torch.float64, device=w0.device), G, K), None))
+    kernels = [_scaled(w, b, _coef(model, f, into.out_channels, w0.device)) for (w,b),f in zip(kernels, fs)]
+    if merge.identity: kernels.append((identity_kernel(sum(_coef(model, f, into.out_channels, w0.device) for f in fs[len(merge.branches):]), G, K), None))
     if merge.block: out[merge.block] = _Chain(merge.chain)
     w,b = merge_kernels(kernels, K)
     if merge.then_bn: w,b = fold_bn_after(w, b, *(t.to(w0.device) for t in _valid_bn_affine(merge.then_bn, model.get_submodule(merge.then_bn))))
@@ -296,7 +310,7 @@ class FoldReport:
         if self.max_abs_diff is not None: lines.append(f'  max |output difference| on the sample: {self.max_abs_diff:.3g} (tolerance {self.tolerance:.3g})')
         if self.f64_diff is not None: lines.append(f'  in float64: {self.f64_diff:.3g} (tolerance {self.f64_tolerance:.3g}); the lower-precision difference comes from {self.cause}')
         lines += [_folded_line(p) for p in self.folded if p.where != 'merged']
-        lines += [f'  merged {", ".join([f"`{n}`" for _,n in m.branches] + ["the input"]*m.identity)} into `{m.into}`' + (f', then `{m.then_bn}`' if m.then_bn else '')
+        lines += [f'  merged {", ".join(_terms(m))} into `{m.into}`' + (f', then `{m.then_bn}`' if m.then_bn else '')
                   + (f'; `{m.block}` is now `nn.Sequential` of what it calls' if m.block else '')
                   + (f' [read from the sample run, where `{m.into}` took {m.traced_at}]' if m.traced_at else '') for m in self.merged]
         lines += [f'  left `{l.bn}`: {l.reason}' for l in self.left]
@@ -305,6 +319,15 @@ class FoldReport:
                   f'  untraceable model `forward`: {e}; traced its children instead' for n,e in self.untraceable]
         return '\n'.join(lines)
     __str__ = __repr__
+
+def _terms(m:MergedBranches) -> list[str]:
+    "Each term of the merge `m`, with its factors: ``a``, `minus `b``, `the input`, `` `c` times `ls.gamma` ``"
+    out = []
+    for t,f in zip([f"`{n}`" for _,n in m.branches] + ["the input"]*m.identity, m.coefs or ((),) * (len(m.branches) + m.identity)):
+        sign = '' if sum(x == -1. for x in f) % 2 == 0 else 'minus '
+        by = [f'`{x}`' if isinstance(x, str) else f'{x:g}' for x in f if x != -1.]
+        out.append(sign + t + (f' times {" times ".join(by)}' if by else ''))
+    return out
 
 def _folded_line(p:FoldedPair) -> str:
     "What the report says of one fold"

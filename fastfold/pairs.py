@@ -983,6 +983,7 @@ class MergedBranches:
     chain: tuple = () # the full names of the modules its `forward` then calls, in order
     identity: int = 0 # times the sum adds its input itself, merged too (only where `block` becomes a chain)
     then_bn: str = '' # a BN on the sum, folded into the merged conv (only where `block` becomes a chain)
+    coefs: tuple = () # the factors of each branch, then of each `identity` term: `-1.`, a number, or the full name of a per-channel Parameter or buffer; () when all are 1
 
 @dataclass
 class LeftMerge:
@@ -1007,6 +1008,51 @@ def _is_add(n:fx.Node) -> bool:
     "Is node `n` a plain sum of two terms: `+`, `+=`, `torch.add` or `Tensor.add` without `alpha`?"
     add = (n.op == 'call_function' and n.target in _ADD_FUNCTIONS) or (n.op == 'call_method' and n.target in _ADD_METHODS)
     return add and len(n.args) == 2 and not n.kwargs
+
+_SUB_FUNCTIONS,_SUB_METHODS = {operator.sub, operator.isub, torch.sub},{'sub', 'sub_', '__sub__', '__isub__'}
+_MUL_FUNCTIONS,_MUL_METHODS = {operator.mul, operator.imul, torch.mul},{'mul', 'mul_', '__mul__', '__imul__', '__rmul__'}
+_VIEWS = {'view', 'reshape', 'unsqueeze', 'squeeze', 'flatten'} # keep the order of the elements: a per-channel vector stays one
+
+def _is_op(n, functions:set, methods:set) -> bool:
+    "Is `n` a node calling one of `functions` or `methods` on two arguments, without keywords?"
+    return isinstance(n, fx.Node) and ((n.op == 'call_function' and n.target in functions) or (n.op == 'call_method' and n.target in methods)) and len(n.args) == 2 and not n.kwargs
+
+def _constant(n, flow:_Flow) -> tuple[str,list,Tensor]|None:
+    "`(name, nodes, value)`: the Parameter or buffer `name` (full name) that node `n` reads, through the views `nodes`, and its value there; None if `n` is no such read"
+    nodes = []
+    while isinstance(n, fx.Node) and n.op == 'call_method' and n.target in _VIEWS and not n.kwargs and len(_value_users(n)) == 1 and all(
+            isinstance(a, int) or (isinstance(a, (tuple, list)) and all(isinstance(x, int) for x in a)) for a in n.args[1:]):
+        nodes.insert(0, n); n = n.args[0]
+    if not (isinstance(n, fx.Node) and n.op == 'get_attr' and len(_value_users(n)) == 1): return None
+    v = flow.root
+    for a in n.target.split('.'): v = getattr(v, a, None)
+    if not isinstance(v, Tensor): return None
+    v = v.detach()
+    for m in nodes: v = getattr(v, m.target)(*m.args[1:])
+    return flow.name(n.target), [n, *nodes], v
+
+def _scaled_terms(root:fx.Node, flow:_Flow) -> tuple[list,list,list,str|None]:
+    """`(terms, factors, chain, why)`: what the expression ending at the add or subtraction `root` sums, each term with its factors
+    (`-1.` per subtraction, a number, or `(name, value)` of a constant it is multiplied by), the nodes it opened
+    (adds, subtractions, multiplications, pass-throughs, constants: each only used by the next), and why it is no
+    linear map of its terms (a multiplication by a tensor that is no constant), else None"""
+    terms,factors,chain,why = [],[],[],None
+    def open_(n, fs, top=False):
+        nonlocal why
+        if not top and not (isinstance(n, fx.Node) and len(_value_users(n)) == 1): terms.append(n); factors.append(fs); return
+        if _is_add(n): chain.append(n); open_(n.args[0], fs); open_(n.args[1], fs); return
+        if _is_op(n, _SUB_FUNCTIONS, _SUB_METHODS): chain.append(n); open_(n.args[0], fs); open_(n.args[1], fs + (-1.,)); return
+        if _is_op(n, _MUL_FUNCTIONS, _MUL_METHODS):
+            chain.append(n)
+            for a,k in (n.args, n.args[::-1]):
+                if isinstance(k, (int, float)) and not isinstance(k, bool): open_(a, fs + (float(k),)); return
+                if (c := _constant(k, flow)) is not None: chain.extend(c[1]); open_(a, fs + ((c[0], c[2]),)); return
+            why = why or f'{flow.describe(n)} multiplies by a tensor computed in `forward`, not a constant Parameter or buffer'
+            open_(n.args[0], fs); open_(n.args[1], fs); return
+        if (p := _passes_on(n, flow)) is not None: chain.append(n); open_(p, fs); return
+        terms.append(n); factors.append(fs)
+    open_(root, (), top=True)
+    return terms,factors,chain,why
 
 def _passes_on(n, flow:_Flow) -> fx.Node|None:
     "The input that node `n` hands on unchanged (an `nn.Identity`, or a Dropout in eval mode, without hooks), else None"
@@ -1169,6 +1215,40 @@ def _identity_fits(g:_Geometry) -> bool:
     return g.cin == g.cout and all(s == 1 for s in g.stride) and g.padding is not None and all(
         k % 2 and 2*p == d*(k-1) for k,d,p in zip(g.kernel, g.dilation, g.padding))
 
+def _per_channel(v:Tensor, c:int, nd:int) -> bool:
+    "Does the constant `v`, broadcast against an `(N, c, *spatial)` output of `nd` spatial dims, give one factor per channel?"
+    return v.is_floating_point() and v.dim() <= nd+2 and v.numel() in (1, c) and all(
+        s == 1 for j,s in enumerate(reversed(v.shape)) if j != nd) and (v.dim() <= nd or v.shape[-nd-1] in (1, c))
+
+def _scaled_merge(flow:_Flow, terms:list, factors:list, chain:list, why:str|None, folded:dict, lefts:dict):
+    """A sum with subtractions or constant factors (`_scaled_terms`) as one conv: `(bs, coefs, block_chain)`, the branches
+    (the covering one first), their factors then the identity's, and `_block_chain`'s answer; a `LeftMerge` saying why
+    not; or None where it holds no conv branch. It merges only where the whole block becomes one conv"""
+    got = [(b, fs) for t,fs in zip(terms, factors) if (b := _branch(t, flow, folded, chain)) is not None]
+    if not any(b.kind == 'conv' for b,_ in got): return None
+    bs,names = [b for b,_ in got],tuple(b.name for b,_ in got)
+    def raw(t): return isinstance(t, fx.Node) and _source(t, flow) is bs[0].src
+    if len({b.src for b in bs}) > 1 or len(bs) + sum(map(raw, terms)) < 2: return None # no sum of branches of one input: nothing to merge as a whole
+    def no(reason): return LeftMerge(names, reason)
+    if why: return no(why)
+    nodes = [b.node for b in bs]
+    if (o := next((t for t in terms if t not in nodes and not raw(t) and not (isinstance(t, (int, float)) and t == 0)), None)) is not None:
+        return no(f'it also adds {flow.describe(o) if isinstance(o, fx.Node) else repr(o)}, which is no branch of its input')
+    if (twice := next((b for b in bs if nodes.count(b.node) > 1), None)): return no(f'`{twice.name}` is {nodes.count(twice.node)} terms of the sum')
+    if (w := next((b.why for b in bs if b.why), None)): return no(w)
+    i,lw = _lineup(bs, flow)
+    if lw: return no(lw)
+    order = [i] + [j for j in range(len(bs)) if j != i]
+    bs,fs = [bs[j] for j in order],[got[j][1] for j in order] + [f for t,f in zip(terms, factors) if raw(t)]
+    conv = _module(flow, bs[0].name)
+    nd = len(conv.kernel_size)
+    for f in (f for ff in fs for f in ff if isinstance(f, tuple)):
+        if not _per_channel(f[1], conv.out_channels, nd):
+            return no(f'it multiplies by `{f[0]}` of shape {tuple(f[1].shape)}, not one factor per channel of {conv.out_channels}')
+    chained = _block_chain(flow, terms, chain, bs, lefts)
+    if not chained[0]: return no(f'it subtracts or scales branches, which merges only where the block that makes it becomes one conv, and `{_owner(chain[0], flow) or "the model"}` does more')
+    return bs, tuple(tuple(f if isinstance(f, float) else f[0] for f in ff) for ff in fs), chained
+
 def _merges(flows:list[_Flow], pairs:list, left:list) -> tuple[list,list]:
     """`(merges, unmerged)` in the graphs of `flows`: the sums whose branches read one tensor and line up, and those that do not.
     A BN merged as a branch moves from `left` to `pairs` (`where='merged'`); one left gets the merge's reason"""
@@ -1177,10 +1257,21 @@ def _merges(flows:list[_Flow], pairs:list, left:list) -> tuple[list,list]:
     for flow in flows:
         sums,done = [],set()
         for root in reversed(list(flow.graph.nodes)): # the last add of a chain first: it holds the whole sum
-            if root in done or not _is_add(root): continue
+            if root in done or not (_is_add(root) or _is_op(root, _SUB_FUNCTIONS, _SUB_METHODS)): continue
+            terms,factors,chain,why = _scaled_terms(root, flow)
+            if why or any(factors): # it subtracts or scales: one conv for the whole block, else its plain sums below
+                got = _scaled_merge(flow, terms, factors, chain, why, folded, lefts)
+                if isinstance(got, tuple): done.update(chain); sums.append((got, chain)); continue
+                if got is not None and got.branches not in seen: seen.add(got.branches); unmerged.append(got)
+            if not _is_add(root): continue # a difference: its sums are found on their own
             terms,chain = _sum_terms(root, flow)
             done.update(chain); sums.append((terms, chain))
         for terms,chain in reversed(sums): # in the order the model runs them
+            if isinstance(terms, tuple): # a scaled merge, settled above
+                bs,coefs,chained = terms
+                seen.add(tuple(b.name for b in bs))
+                _record(MergedBranches(bs[0].name, tuple((b.kind, b.name) for b in bs), _traced_at(flow, bs[0].name), *chained, coefs=coefs), bs, merges, pairs, left, lefts)
+                continue
             groups = {}
             for t in terms:
                 if (b := _branch(t, flow, folded, chain)) is not None and b.node not in [c.node for c in groups.get(b.src, [])]:
@@ -1199,13 +1290,20 @@ def _merges(flows:list[_Flow], pairs:list, left:list) -> tuple[list,list]:
                         if b.kind == 'bn' and b.name in lefts: lefts[b.name].reason = f'a branch of a sum that does not merge: {why or lw}'
                     continue
                 bs = [bs[i]] + bs[:i] + bs[i+1:]
-                traced_at = next((n.meta['shape'] for n in flow.graph.nodes if n.op == 'call_module' and flow.name(n.target) == bs[0].name and 'shape' in n.meta), '')
-                m = MergedBranches(bs[0].name, tuple((b.kind, b.name) for b in bs), traced_at, *_block_chain(flow, terms, chain, bs, lefts))
-                merges.append(m)
-                for name in [b.name for b in bs if b.kind == 'bn'] + [m.then_bn]*bool(m.then_bn):
-                    if name in lefts: left.remove(lefts.pop(name))
-                    pairs.append(FoldedPair(m.into, name, 'merged', traced_at=traced_at, merge=m))
+                _record(MergedBranches(bs[0].name, tuple((b.kind, b.name) for b in bs), _traced_at(flow, bs[0].name), *_block_chain(flow, terms, chain, bs, lefts)),
+                        bs, merges, pairs, left, lefts)
     return merges, unmerged
+
+def _traced_at(flow:_Flow, name:str) -> str:
+    "The input shape of the module `name` in a sample run's graph, else ''"
+    return next((n.meta['shape'] for n in flow.graph.nodes if n.op == 'call_module' and flow.name(n.target) == name and 'shape' in n.meta), '')
+
+def _record(m:MergedBranches, bs:list, merges:list, pairs:list, left:list, lefts:dict):
+    "Add the merge `m` of branches `bs`: each BN it takes moves from `left` to `pairs`, `where='merged'`"
+    merges.append(m)
+    for name in [b.name for b in bs if b.kind == 'bn'] + [m.then_bn]*bool(m.then_bn):
+        if name in lefts: left.remove(lefts.pop(name))
+        pairs.append(FoldedPair(m.into, name, 'merged', traced_at=m.traced_at, merge=m))
 
 def find_folds(model:nn.Module, # the model to read, in eval mode
                ran:set|None=None, # ids of the modules that ran on a sample input, when one was run

@@ -278,3 +278,85 @@ def test_random_branches_merge_exactly_or_say_why(case):
     assert len(r.merged) + len(r.unmerged) == 1, r
     if r.merged: assert n_working_convs(folded) == 1 and not bn_layers(folded), r
     else: assert r.unmerged[0].reason and n_convs(folded) == n_convs(model), r
+
+## Subtraction and constant per-channel factors (FastViT's RepMixer): the whole block becomes one conv
+
+from timm.layers import LayerScale2d
+
+def mixer(c=4): return Sum(cbn(c, c, 3, padding=1, groups=c, bias=False), cbn(c, c, 1, groups=c, bias=False), nn.BatchNorm2d(c))
+
+def scale(m, seed=1):
+    "Random layer scales: at timm's 1e-5 a wrong factor would hide below the tolerance"
+    with torch.no_grad():
+        for n,p in m.named_parameters():
+            if n.endswith('gamma'): p.copy_(x_of(*p.shape, seed=seed))
+    return m
+
+class RepMixer(nn.Module):
+    "timm's RepMixer, reduced: the input plus a layer scale of a mixer minus a BN of the input"
+    def __init__(self, c=4, inplace=False):
+        super().__init__()
+        self.norm,self.mixer,self.layer_scale = nn.BatchNorm2d(c),mixer(c),LayerScale2d(c, inplace=inplace)
+    def forward(self, x): return x + self.layer_scale(self.mixer(x) - self.norm(x))
+
+class OwnScale(nn.Module):
+    "The block's own code subtracts and multiplies by a Parameter of shape (C,1,1), a buffer and a number"
+    def __init__(self, c=4, shape=None, **kw):
+        super().__init__()
+        self.a,self.b,self.gamma = cbn(c, c, 3, padding=1, **kw),nn.BatchNorm2d(c),nn.Parameter(torch.ones(shape or (c, 1, 1)))
+        self.register_buffer('beta', torch.rand(1, c, 1, 1))
+    def forward(self, x): return x - 0.5 * ((self.a(x) - self.b(x)) * self.gamma - self.beta * self.b2(x)) if hasattr(self, 'b2') else x + (self.a(x) - self.b(x)) * self.gamma
+
+@pytest.mark.parametrize('inplace', [False, True])
+def test_a_layer_scale_and_a_subtraction_merge_into_one_conv(inplace):
+    model = scale(nn.Sequential(RepMixer(inplace=inplace), RepMixer(inplace=inplace)))
+    folded,r = fold(model, x_of(2, 4, 6, 6))
+    assert [(m.block, m.identity) for m in r.merged] == [('0', 1), ('1', 1)] and not r.unmerged, r
+    assert (len(r.folded), r.n_bn, len(bn_layers(folded)), n_convs(folded)) == (8, 8, 0, 2)
+    assert [[type(c) for c in b] for b in folded] == [[nn.Conv2d]]*2
+    assert ('  merged `0.mixer.branches.0.0` times `0.layer_scale.gamma`, `0.mixer.branches.1.0` times `0.layer_scale.gamma`, '
+            '`0.mixer.branches.2` times `0.layer_scale.gamma`, minus `0.norm` times `0.layer_scale.gamma`, the input into `0.mixer.branches.0.0`; '
+            '`0` is now `nn.Sequential` of what it calls') in str(r).splitlines()
+
+def test_factors_in_the_blocks_own_code_merge():
+    "`x - 0.5*((a(x) - b(x))*gamma - beta*b2(x))`: numbers, a Parameter and a buffer, nested"
+    class Nested(OwnScale):
+        def __init__(self): super().__init__(); self.b2 = nn.BatchNorm2d(4)
+    model = nn.Sequential(scale(Nested()), scale(OwnScale(), seed=2))
+    folded,r = fold(model, x_of(2, 4, 6, 6))
+    assert [m.coefs for m in r.merged] == [((-1., 0.5, '0.gamma'), (-1., 0.5, '0.gamma', -1.), (-1., 0.5, -1., '0.beta'), ()), (('1.gamma',), ('1.gamma', -1.), ())]
+    assert (len(bn_layers(folded)), n_convs(folded)) == (0, 2)
+
+def test_a_scale_computed_from_the_input_is_refused():
+    "A gate computed in `forward` is no constant: the block keeps its outputs, and the report says why"
+    class Gated(OwnScale):
+        def forward(self, x): return x + (self.a(x) - self.b(x)) * x.mean((2, 3), keepdim=True)
+    folded,r = fold(nn.Sequential(Gated()), x_of(2, 4, 6, 6))
+    assert not r.merged and 'multiplies by a tensor computed in `forward`' in r.unmerged[0].reason, r
+    assert len(bn_layers(folded)) == 1
+
+def test_a_scale_that_is_not_per_channel_is_refused():
+    "A Parameter of shape (1,1,1,4) scales the width, not the channels, although it holds 4 numbers for 4 channels"
+    folded,r = fold(nn.Sequential(scale(OwnScale(shape=(1, 1, 1, 4)))), x_of(2, 4, 6, 4))
+    assert not r.merged and r.unmerged[0].reason == 'it multiplies by `0.gamma` of shape (1, 1, 1, 4), not one factor per channel of 4', r
+
+def test_a_difference_in_a_block_that_does_more_is_refused():
+    "Subtractions and factors merge only where the whole block becomes one conv: here the block applies a ReLU to the difference"
+    class More(OwnScale):
+        def forward(self, x): return (x + self.a(x) - self.b(x)).relu()
+    folded,r = fold(nn.Sequential(scale(More())), x_of(2, 4, 6, 6))
+    assert not r.merged and 'merges only where the block that makes it becomes one conv, and `0` does more' in r.unmerged[0].reason, r
+
+def test_fastvit_t8_folds_to_no_bn():
+    "timm's FastViT: every RepMixer becomes one depthwise conv, as `reparameterize_model` makes it, and no BN is left"
+    import timm
+    from timm.utils.model import reparameterize_model
+    torch.manual_seed(0)
+    model = scale(randomize_bn(timm.create_model('fastvit_t8', pretrained=False)).eval())
+    x = x_of(1, 3, 64, 64)
+    folder = BN_Folder()
+    folded = folder.fold(model, sample=x) # checks the outputs on `x`
+    with torch.inference_mode(): d,s = output_difference(model(x), folded(x))
+    assert d <= 1e-5*s, folder.report
+    assert (len(bn_layers(folded)), folder.report.n_bn) == (0, 70)
+    assert n_convs(folded) <= n_convs(reparameterize_model(model))
