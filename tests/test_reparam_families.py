@@ -62,9 +62,6 @@ FAMILIES = {**{n: ((lambda n=n: timm_model(n)), lambda m: timm_deploy(m)[0]) for
             'yolov10n': (lambda: ultralytics_model('yolov10n.yaml'), lambda m: one_conv_per(m, 'RepVGGDW')),
             'textnet': (textnet, lambda m: one_conv_per(m, 'TextNetRepConvLayer')),
             'pp_lcnet_v3': (pp_lcnet_v3, lambda m: one_conv_per(m, 'PPLCNetV3LearnableRepLayer'))}
-# the BN left once branches merge, family by family, as fastfold says (issue 29, at this commit):
-# FastViT's RepMixer `x + layer_scale(mixer(x) - norm(x))` (a subtraction and a layer scale: `norm.identity` left)
-NOT_YET = {'fastvit_t8'}
 SELECTS = {'rtdetr-l'}
 NEEDS_SAMPLE = {'rtdetr-l', 'yolov10n', 'pp_lcnet_v3'} # fx cannot trace them: a run on the sample shows their data flow # picks its queries by `topk` of scores: float32 rounding may tip a pick, float64 may not
 LIBRARY = {'rtdetr-l': 'ultralytics', 'yolov10n': 'ultralytics', 'textnet': 'transformers', 'pp_lcnet_v3': 'transformers'}
@@ -91,7 +88,7 @@ def float64_error(model, name, x) -> tuple[float,float]:
     with torch.inference_mode(): want = m64(x.double())
     return output_difference(want, BN_Folder().fold(m64, sample=x.double())(x.double()))
 
-@pytest.mark.parametrize('name', [n for n in FAMILIES if n not in NOT_YET])
+@pytest.mark.parametrize('name', FAMILIES)
 def test_family_folds_every_bn(name):
     assert len(bn_layers(folded(name)[1])) == 0, folded(name)[2]
 
@@ -121,7 +118,7 @@ def test_rtdetr_l_no_more_convs_than_ultralytics_fuse():
         fused.fuse(verbose=False)
     assert n_convs(out) <= n_convs(fused) < n_convs(model), r
 
-@pytest.mark.parametrize('name', [n for n in TIMM if n not in NOT_YET or n == 'nextvit_small'])
+@pytest.mark.parametrize('name', TIMM)
 def test_fewer_bn_than_timm_deploy_form(name):
     "Where timm's own deploy form leaves BN (FastViT, RepGhost, NextViT, GhostNetV3), fastfold leaves fewer"
     model,out,r,_ = folded(name)
