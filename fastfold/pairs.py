@@ -1262,7 +1262,7 @@ def _merges(flows:list[_Flow], pairs:list, left:list) -> tuple[list,list]:
             if why or any(factors): # it subtracts or scales: one conv for the whole block, else its plain sums below
                 got = _scaled_merge(flow, terms, factors, chain, why, folded, lefts)
                 if isinstance(got, tuple): done.update(chain); sums.append((got, chain)); continue
-                if got is not None and got.branches not in seen: seen.add(got.branches); unmerged.append(got)
+                if got is not None and got not in unmerged: unmerged.append(got) # not in `seen`: the plain sums inside may still merge
             if not _is_add(root): continue # a difference: its sums are found on their own
             terms,chain = _sum_terms(root, flow)
             done.update(chain); sums.append((terms, chain))
@@ -1290,6 +1290,7 @@ def _merges(flows:list[_Flow], pairs:list, left:list) -> tuple[list,list]:
                         if b.kind == 'bn' and b.name in lefts: lefts[b.name].reason = f'a branch of a sum that does not merge: {why or lw}'
                     continue
                 bs = [bs[i]] + bs[:i] + bs[i+1:]
+                unmerged[:] = [u for u in unmerged if set(u.branches) != set(names)] # a scaled form of this sum was refused: the sum itself merges
                 _record(MergedBranches(bs[0].name, tuple((b.kind, b.name) for b in bs), _traced_at(flow, bs[0].name), *_block_chain(flow, terms, chain, bs, lefts)),
                         bs, merges, pairs, left, lefts)
     return merges, unmerged
