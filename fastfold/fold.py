@@ -452,7 +452,7 @@ class BN_Folder:
         args = sample if isinstance(sample, tuple) else (sample,)
         with _eval_mode(model):
             ran = None
-            if sample is not None: expected,ran = _run_recording_calls(model, args) # before any change: `inplace` folds `model`
+            if sample is not None: expected,ran = record_calls(model, args) # before any change: `inplace` folds `model`
             found = find_folds(model, ran, None if sample is None else args)
         pairs,merges = found.pairs,found.merges
         edits = fold_plan(model, pairs, merges)
@@ -499,14 +499,6 @@ class BN_Folder:
         if not diff <= r.f64_tolerance:
             raise FoldCheckError(f'folded model differs from the original: {self._why}, and in float64 by {diff:.3g} > tolerance '
                                  f'{r.f64_tolerance:.3g} (largest |output| {scale:.3g}, rtol={rtol})\n{r}')
-
-def _run_recording_calls(model, args):
-    "`model(*args)` under `inference_mode`, and the ids of the modules it called (with a global hook: `model` is not touched)"
-    ran = set()
-    h = nn.modules.module.register_module_forward_pre_hook(lambda m, a: ran.add(id(m)))
-    try:
-        with torch.inference_mode(): return model(*args), ran
-    finally: h.remove()
 
 def _copy_for_fold(model, pairs, edits):
     "One deepcopy of `model`, skipping what the fold replaces anyway (unless it is tied or registered elsewhere)"

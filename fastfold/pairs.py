@@ -20,8 +20,8 @@ from .layers import *
 from .layers import _Overridden, _hooked, _n_out, _METADATA
 
 # %% auto #0
-__all__ = ['TracedGraph', 'traced_graphs', 'FoldedPair', 'LeftBN', 'SampleRun', 'run_graph', 'find_pairs', 'MergedBranches',
-           'LeftMerge', 'Folds', 'find_folds']
+__all__ = ['TracedGraph', 'traced_graphs', 'FoldedPair', 'LeftBN', 'record_calls', 'InputRanks', 'SampleRun', 'run_graph',
+           'find_pairs', 'MergedBranches', 'LeftMerge', 'Folds', 'find_folds']
 
 # %% ../nbs/01a_pairs.ipynb #99cb381b
 class _LeafBNTracer(fx.Tracer):
@@ -296,8 +296,10 @@ class LeftBN:
 # %% ../nbs/01a_pairs.ipynb #a2ac704c
 class _Flow:
     "One traced graph and what the pair rules ask of it: the module a node calls, full names in the model, call counts"
-    def __init__(self, graph:fx.Graph, root:nn.Module, prefix:str, counts:dict, input_is:str='the input of the traced module'):
+    def __init__(self, graph:fx.Graph, root:nn.Module, prefix:str, counts:dict, input_is:str='the input of the traced module',
+                 ranks:InputRanks|None=None):
         self.graph,self.root,self.prefix,self.counts,self.input_is = graph,root,prefix,counts,input_is
+        self.ranks,self._rank = ranks or InputRanks(root),None # `_rank`: each node's rank where the graph says it, when first asked
     def module(self, n:fx.Node) -> nn.Module|None: return self.root.get_submodule(n.target) if n.op == 'call_module' else None
     def name(self, target:str) -> str: return _name(self.prefix, target)
     def times(self, m:nn.Module) -> int: return self.counts.get(id(m), 0)
@@ -403,7 +405,7 @@ def _pair_after(n:fx.Node, bn:nn.Module, flow:_Flow) -> FoldedPair|LeftBN|None:
     if flow.shared(layer): return flow.left(n, f'`{name}` is called more than once')
     if _n_out(layer) != bn.running_mean.numel(): return flow.left(n, f'`{name}` has {_n_out(layer)} outputs, the BN {bn.running_mean.numel()}')
     if isinstance(layer, nn.Linear) and bn_flavour(bn).ndim not in (None, 1): return flow.left(n, 'a Linear feeds a BN of more than one feature dim')
-    if (why := _reshape_problem(ops, layer, name)): return flow.left(n, why)
+    if (why := _reshape_problem(ops, layer, name) or _rank_problem(n, layer, flow)): return flow.left(n, why)
     if (why := layer_problem(layer, 'after')): return flow.left(n, why) # last: it may run the layer's `forward` on meta tensors
     return _pair(flow, n, 'after', [(p.target, None, None)], through)
 
@@ -425,7 +427,7 @@ def _pair_after_cat(n:fx.Node, cat:fx.Node, ops:list, bn:nn.Module, flow:_Flow) 
     if not _is_channel_dim(_cat_dim(cat), layers[0]): return flow.left(n, f'its input `cat` joins along dim {_cat_dim(cat)}, not the channels')
     if start != bn.running_mean.numel(): return flow.left(n, f'its input `cat` has {start} channels, the BN {bn.running_mean.numel()}')
     if isinstance(layers[0], nn.Linear) and bn_flavour(bn).ndim not in (None, 1): return flow.left(n, 'a Linear feeds a BN of more than one feature dim')
-    if (why := _reshape_problem(ops, layers[0], 'cat')): return flow.left(n, why)
+    if (why := _reshape_problem(ops, layers[0], 'cat') or _rank_problem(n, layers[0], flow)): return flow.left(n, why)
     for layer in layers:
         if (why := layer_problem(layer, 'after')): return flow.left(n, why)
     return _pair(flow, n, 'after', parts, ('cat', *(_op(o) for o in ops)))
@@ -475,17 +477,17 @@ def _pair_before(n:fx.Node, bn:nn.Module, flow:_Flow) -> FoldedPair|LeftBN:
     if isinstance(m, nn.Linear): return _pair_before_linear(n, bn, u, m, flow, fallback)
     return _pair_before_conv(n, bn, u, m, flow, fallback)
 
-def _linear_problem(bn:nn.Module, u:fx.Node, m:nn.Module, flow:_Flow, fallback:str) -> str|None:
-    "Why the BN cannot fold into the Linear `m` (node `u`) it feeds, whatever the columns"
+def _linear_problem(n:fx.Node, bn:nn.Module, u:fx.Node, m:nn.Module, flow:_Flow, fallback:str) -> str|None:
+    "Why the BN node `n` cannot fold into the Linear `m` (node `u`) it feeds, whatever the columns"
     if bn_flavour(bn).ndim not in (None, 1): return fallback
     if keeps_tail(bn): return 'it has an activation inside, which must come before the Linear'
-    if (why := layer_problem(m, 'before')): return why
+    if (why := _rank_problem(n, m, flow) or layer_problem(m, 'before')): return why
     if flow.shared(m): return f'`{flow.name(u.target)}` is called more than once'
     return None
 
 def _pair_before_linear(n, bn, u, m, flow, fallback) -> FoldedPair|LeftBN:
     "`BN -> (Dropout)* -> Linear`: the BN folds into the Linear's input columns"
-    if (why := _linear_problem(bn, u, m, flow, fallback)): return flow.left(n, why)
+    if (why := _linear_problem(n, bn, u, m, flow, fallback)): return flow.left(n, why)
     if m.in_features != (nb := bn.running_mean.numel()): return flow.left(n, f'`{flow.name(u.target)}` takes {m.in_features} features, the BN gives {nb}')
     return _pair(flow, n, 'before', [(u.target, None, None)])
 
@@ -500,7 +502,7 @@ def _pair_before_cat(n, bn, cat, last, flow, fallback) -> FoldedPair|LeftBN:
         via,(u,_) = u.target,_skip_dropouts(u, flow) # fastai's `LinBnDrop(lin_first=False)`: cat -> BN -> Dropout -> Linear
     if u is None or _single_input(u) is None or not isinstance(m := _layer(u, flow), nn.Linear):
         return flow.left(n, f'its `cat` feeds {", ".join(flow.describe(v) for v in (cat.users if u is None else [u]))}, not a Linear')
-    if (why := _linear_problem(bn, u, m, flow, fallback)): return flow.left(n, why)
+    if (why := _linear_problem(n, bn, u, m, flow, fallback)): return flow.left(n, why)
     widths = [bn.running_mean.numel() if x is last else _width(x, flow) for x in xs]
     if None in widths: return flow.left(n, f'fastfold cannot tell how many features part {widths.index(None)} of its `cat` has ({flow.describe(xs[widths.index(None)])})')
     if sum(widths) != m.in_features: return flow.left(n, f'`{flow.name(u.target)}` takes {m.in_features} features, its `cat` gives {sum(widths)}')
@@ -514,7 +516,7 @@ def _pair_before_conv(n, bn, u, m, flow, fallback) -> FoldedPair|LeftBN:
     if bn_flavour(bn).ndim not in (None, len(m.kernel_size)): return flow.left(n, fallback)
     if keeps_tail(bn): return flow.left(n, 'it has an activation inside, which must come before the conv')
     if _pads_zeros(m): return flow.left(n, f'`{name}` pads with zeros, where the BN\'s shift would be missing once folded')
-    if (why := layer_problem(m, 'before')): return flow.left(n, why)
+    if (why := _rank_problem(n, m, flow) or layer_problem(m, 'before')): return flow.left(n, why)
     if flow.shared(m): return flow.left(n, f'`{name}` is called more than once')
     if m.in_channels != (nb := bn.running_mean.numel()): return flow.left(n, f'`{name}` takes {m.in_channels} channels, the BN gives {nb}')
     return _pair(flow, n, 'before', [(u.target, None, None)], into_conv=True)
@@ -525,6 +527,109 @@ def _pair_of(n:fx.Node, bn:nn.Module, flow:_Flow) -> FoldedPair|LeftBN:
     if isinstance(after, FoldedPair): return after
     before = _pair_before(n, bn, flow)
     return before if isinstance(before, FoldedPair) or after is None else after
+
+# %% ../nbs/01a_pairs.ipynb #3f6835a3
+def record_calls(model:nn.Module, # the model to run, in eval mode
+                 args:tuple, # its positional inputs
+                ) -> tuple[object, dict[int,set]]:
+    "`model(*args)` under `inference_mode`, and the modules it called: `{id(module): the ranks of its first input}` (a global hook: `model` is not touched)"
+    ran = {}
+    def record(m, a): ran.setdefault(id(m), set()).add(a[0].dim() if a and isinstance(a[0], Tensor) else None)
+    h = nn.modules.module.register_module_forward_pre_hook(record)
+    try:
+        with torch.inference_mode(): return model(*args), ran
+    finally: h.remove()
+
+class InputRanks:
+    "The ranks of the first input each module took on the sample: from `record_calls` if it ran, else from one run of the sample when first asked; `None` without a sample"
+    def __init__(self, model:nn.Module, ran:dict|None=None, sample:tuple|None=None):
+        self.model,self.sample,self.ran = model,sample,(ran if isinstance(ran, dict) else None)
+    def __call__(self, m:nn.Module) -> set|None:
+        if self.ran is None and self.sample is not None:
+            try: self.ran = record_calls(self.model, self.sample)[1]
+            except Exception: self.ran = {} # the run failed: no rank is known
+        return None if self.ran is None else self.ran.get(id(m))
+
+_KEEP_RANK_FNS = {'relu', 'relu_', 'relu6', 'gelu', 'silu', 'sigmoid', 'tanh', 'hardswish', 'hardsigmoid', 'leaky_relu', 'elu', 'mish',
+                  'dropout', 'contiguous', 'clone', 'float', 'half', 'bfloat16', 'to', 'neg', 'softmax', 'layer_norm'} # the output has the first input's rank
+_ELEMENTWISE = {'add', 'sub', 'mul', 'div', 'truediv', 'add_', 'sub_', 'mul_', 'div_', '__add__', '__radd__', '__iadd__', '__sub__',
+                '__rsub__', '__mul__', '__rmul__', '__imul__', '__truediv__', 'iadd', 'isub', 'imul', 'itruediv'} # broadcast: the output has the largest input rank
+_REDUCE_FNS = {'mean', 'sum', 'amax', 'amin'} # `(input, dim, keepdim=False)`
+_BN_RANK = {2: 4, 3: 5} # `BatchNorm2d/3d` take only 4-D/5-D input
+_RANK_MODULES = (nn.Linear, nn.Identity, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+                 nn.LayerNorm, nn.GroupNorm) # their own class, not a subclass: the output has the input's rank
+
+def _fn_of(n:fx.Node) -> str|None:
+    "The name of the torch function, `operator` function or tensor method node `n` calls, or None"
+    if n.op == 'call_method': return n.target
+    name = getattr(n.target, '__name__', None) if n.op == 'call_function' else None
+    return name if name and n.target in (getattr(torch, name, None), getattr(nn.functional, name, None), getattr(operator, name, None)) else None
+
+def _is_size(d) -> bool:
+    "Is `d` an int, or a node that reads one dim of a shape (`x.size(i)`, `x.shape[i]`)?"
+    if isinstance(d, int): return True
+    if not isinstance(d, fx.Node): return False
+    if d.op == 'call_method' and d.target == 'size': return len(d.args) == 2
+    return d.op == 'call_function' and d.target is operator.getitem and isinstance(d.args[1], int)
+
+def _flat_rank(s, e, r:int|None) -> int|None:
+    "The rank after `flatten(s, e)` of a tensor of rank `r` (None: unknown)"
+    if not (isinstance(s, int) and isinstance(e, int)) or s < 0 <= e: return None
+    if s >= 0 > e: return s-e # dims s..e merged into one, whatever the rank: `flatten(1)` is 2-D, `flatten(0, -2)` too
+    return None if r is None else r-(e-s)
+
+def _node_rank(n:fx.Node, rank:dict, flow:_Flow) -> int|None:
+    "The rank of node `n`'s tensor from those of its inputs (`rank`), where the op says it for any input; else None"
+    x = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
+    r = rank.get(x)
+    if (m := flow.module(n)) is not None:
+        if isinstance(m, nn.Flatten): return _flat_rank(m.start_dim, m.end_dim, r)
+        if isinstance(m, nn.Embedding): return None if r is None else r+1
+        if is_bn(m): return _BN_RANK.get(getattr(bn_flavour(m), 'ndim', None), r)
+        keeps = (type(m) in _RANK_MODULES or isinstance(m, _DropoutNd) or type(m).__module__ in ('torch.nn.modules.activation', 'torch.nn.modules.pooling')
+                 and not isinstance(m, nn.MultiheadAttention))
+        return r if keeps and _single_input(n) is not None else None
+    fn = _fn_of(n)
+    if fn in _KEEP_RANK_FNS: return r
+    if fn in _ELEMENTWISE:
+        rs = [rank.get(a) for a in n.args[:2] if isinstance(a, fx.Node)]
+        return max(rs) if rs and None not in rs else None
+    if fn in _REDUCE_FNS and r is not None:
+        dim,keep = _arg(n, 1, 'dim'),_arg(n, 2, 'keepdim', False)
+        if keep is True: return r
+        if keep is False and isinstance(dim, int): return r-1
+        if keep is False and isinstance(dim, (tuple, list)) and all(isinstance(d, int) for d in dim): return r-len(dim)
+        return None
+    if _is_cat(n): return next((rank[p] for p in _cat_parts(n) if rank.get(p) is not None), None)
+    if fn in ('view', 'reshape') and len(n.args) > 1:
+        shape = n.args[1] if len(n.args) == 2 and isinstance(n.args[1], (tuple, list)) else n.args[1:]
+        return len(shape) if shape and all(_is_size(d) for d in shape) else None
+    if fn == 'flatten': return _flat_rank(_arg(n, 1, 'start_dim', 0), _arg(n, 2, 'end_dim', -1), r)
+    return None
+
+def _rank(x, flow:_Flow) -> int|None:
+    "The rank of node `x`'s tensor where the graph tells it for any input (`BatchNorm2d`'s 4, a `flatten`, a `view` to listed sizes), through ops that keep or reduce it"
+    if flow._rank is None: # one sweep of the graph, in order: each node's inputs come before it
+        flow._rank = {}
+        for n in flow.graph.nodes: flow._rank[n] = _node_rank(n, flow._rank, flow)
+    return flow._rank.get(x)
+
+def _rank_problem(n:fx.Node, layer:nn.Module, flow:_Flow) -> str|None:
+    "Why the BN node `n` may not normalise the features of the Linear, or the channels of the 1-D conv, `layer` next to it: its input's rank, from the graph, else the sample"
+    linear = isinstance(layer, nn.Linear)
+    if not linear and len(layer.kernel_size) != 1: return None # a 2-D or 3-D conv's BN takes only the batched rank
+    want = 2 if linear else 3
+    r = _rank(n.args[0], flow) if n.args else None
+    ranks = {r} if r is not None else flow.ranks(flow.module(n))
+    if ranks and ranks != {want}:
+        where = '' if r is not None else ' on the sample'
+        why = ("a Linear's features are its last dim, which is dim 1 only of (N, C)" if linear else
+               "a conv's channels are dim 1 only of a batched input")
+        return f'its input is {" and ".join(f"{d}-D" for d in sorted(ranks, key=str))}{where}: a BN normalises dim 1, {why}'
+    if not ranks and linear:
+        return ("fastfold cannot tell that its input is 2-D: a BN normalises dim 1, a Linear its last dim, the same dim only "
+                "of (N, C); fold with a sample to settle it")
+    return None
 
 # %% ../nbs/01a_pairs.ipynb #67ffb102
 _AVG_POOLS = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3}
@@ -919,7 +1024,7 @@ def _not_shown(v:FoldedPair, g:TracedGraph, untraceable:dict) -> LeftBN:
 
 # %% ../nbs/01a_pairs.ipynb #075ee326
 def find_pairs(model:nn.Module, # the model to read, in eval mode
-               ran:set|None=None, # ids of the modules that ran on a sample input, when one was run
+               ran:dict|None=None, # the modules that ran on a sample input, when one was run: `record_calls`'s
                sample:tuple|None=None, # that sample's positional inputs: where fx cannot trace, pairs are read from a run on it
               ) -> tuple[list[FoldedPair], list[LeftBN], list[tuple[str,str]]]:
     "Foldable `(layer, BN)` pairs in `model`'s data flow, the BNs left with their reasons, and untraceable modules"
@@ -929,15 +1034,16 @@ def _find(model, ran, sample):
     "`(pairs, left, untraceable, flows)`: `flows` are the graphs shown to be what the model runs (fx's, and the sample run's if read)"
     graphs,untraceable = traced_graphs(model, None if sample is None else len(sample))
     counts,seen,verdicts,shown,flows = _call_counts(graphs),set(),{},set(),[]
+    ranks = InputRanks(model, ran, sample)
     for g in graphs:
-        flow = _Flow(g.graph, g.module, g.prefix, counts, f'the input of `{g.prefix}`' if g.prefix else 'the input of the traced module')
+        flow = _Flow(g.graph, g.module, g.prefix, counts, f'the input of `{g.prefix}`' if g.prefix else 'the input of the traced module', ranks)
         if g.shown: flows.append(flow)
         for name,v in _verdicts(flow, seen).items():
             verdicts[name] = v if g.shown or isinstance(v, LeftBN) else _not_shown(v, g, dict(untraceable))
             if g.shown: shown.add(name)
     bns = bn_layers(model)
     if sample is not None and untraceable and not all(isinstance(verdicts.get(n), FoldedPair) for n,_ in bns):
-        if (run := _read_run(model, sample, verdicts, shown)) is not None: flows.append(run)
+        if (run := _read_run(model, sample, verdicts, shown, ranks)) is not None: flows.append(run)
     pairs = [v for v in verdicts.values() if isinstance(v, FoldedPair)]
     left = [v for v in verdicts.values() if isinstance(v, LeftBN)]
     before = {(p.bn, p.layer) for p in pairs if p.where == 'before'}
@@ -948,14 +1054,14 @@ def _find(model, ran, sample):
     left += [LeftBN(name, _unreached(name, m, graphs, untraceable, ran)) for name,m in bns if name not in verdicts and id(m) not in seen]
     return pairs, left, untraceable, flows
 
-def _read_run(model, sample, verdicts, shown) -> _Flow|None:
+def _read_run(model, sample, verdicts, shown, ranks) -> _Flow|None:
     "Settle from a run on `sample` the BNs fx left: a pair in the run replaces fx's reason; the run's reason replaces one fx gave outside a shown graph. The run's flow, if it shows the one path"
     try: run = run_graph(model, sample)
     except Exception as e:
         for name,v in verdicts.items():
             if isinstance(v, LeftBN) and name not in shown: v.reason += f' (the sample run could not be recorded: {one_line(e)})'
         return None
-    flow = _Flow(run.graph, model, '', run.counts, "the model's input")
+    flow = _Flow(run.graph, model, '', run.counts, "the model's input", ranks)
     for name,v in _verdicts(flow, set()).items():
         if isinstance(verdicts.get(name), FoldedPair) and name in shown: continue # fx showed it for any input
         if isinstance(v, FoldedPair) and run.value_reads:
@@ -1307,7 +1413,7 @@ def _record(m:MergedBranches, bs:list, merges:list, pairs:list, left:list, lefts
         pairs.append(FoldedPair(m.into, name, 'merged', traced_at=m.traced_at, merge=m))
 
 def find_folds(model:nn.Module, # the model to read, in eval mode
-               ran:set|None=None, # ids of the modules that ran on a sample input, when one was run
+               ran:dict|None=None, # the modules that ran on a sample input, when one was run: `record_calls`'s
                sample:tuple|None=None, # that sample's positional inputs: where fx cannot trace, pairs are read from a run on it
               ) -> Folds:
     "`find_pairs`, and the sums of parallel branches on one tensor that merge into one conv, from the same graphs"

@@ -1,8 +1,9 @@
 """Folds through a concatenation or a reshape, and of a BN before a conv: fastai's TabularModel, timm's MixNets and
 LeViT, hand-made cases of each rule, and each case that must be refused.
 
-Every model is folded *without* a sample, so the engine's own output check cannot hide a wrong fold: the outputs are
-compared here, against a float64 run of the original. A fold is right when the folded float32 model is about as far
+Every model is folded *without* a sample where it can be, so the engine's own output check cannot hide a wrong fold:
+the outputs are compared here, against a float64 run of the original. A BN next to a Linear folds only where its input
+is shown 2-D, by the graph or by a sample: those models are folded with their inputs as the sample (`sample=True`). A fold is right when the folded float32 model is about as far
 from that float64 run as the float32 original is (a wrong fold is off by the size of the outputs themselves).
 """
 import copy
@@ -16,21 +17,21 @@ from fastfold.fold import BN_Folder, FoldedPair, randomize_bn
 
 def _double(xs): return [x.double() if x.is_floating_point() else x for x in xs]
 
-def fold_errors(model, *xs, seed=0):
-    "Fold `model` (random BN statistics) without a sample: `(report, folded error, float32 error, largest output)`, errors vs float64"
+def fold_errors(model, *xs, seed=0, sample=False):
+    "Fold `model` (random BN statistics) without a sample, or with `xs` if `sample`: `(report, folded error, float32 error, largest output)`, errors vs float64"
     torch.manual_seed(seed)
     model = randomize_bn(model, seed).eval()
     folder = BN_Folder()
-    folded = folder.fold(model)
+    folded = folder.fold(model, xs if sample else None)
     with torch.no_grad():
         ref = copy.deepcopy(model).double()(*_double(xs))
         e32 = (model(*xs).double() - ref).abs().max().item()
         ef = (folded(*xs).double() - ref).abs().max().item()
     return folder.report, ef, e32, ref.abs().max().item()
 
-def check_folds(model, *xs, n_left=0):
+def check_folds(model, *xs, n_left=0, sample=False):
     "Fold `model`; all its BN but `n_left` must fold, and its outputs stay as close to float64 as the original's"
-    rep,ef,e32,scale = fold_errors(model, *xs)
+    rep,ef,e32,scale = fold_errors(model, *xs, sample=sample)
     assert len(rep.left) == n_left, rep
     assert ef <= max(10*e32, 1e-6*scale), (ef, e32, scale, rep)
     return rep
@@ -60,7 +61,7 @@ def test_bn_after_cat_of_convs(cat, dim):
 
 def test_bn_after_cat_of_conv_transposes_and_linears():
     check_folds(Cat([nn.ConvTranspose2d(4, 6, 3, stride=2, groups=2), nn.ConvTranspose2d(4, 2, 3, stride=2)], nn.BatchNorm2d(8)), x4(4))
-    check_folds(Cat([nn.Linear(5, 3), nn.Linear(5, 4)], nn.BatchNorm1d(7), dim=-1), torch.randn(6, 5))
+    check_folds(Cat([nn.Linear(5, 3), nn.Linear(5, 4)], nn.BatchNorm1d(7), dim=-1), torch.randn(6, 5), sample=True)
 
 def test_mixed_conv_module_traced_through():
     "timm's MixedConv2d splits the channels, runs one conv per split and concatenates: its `forward` is the cat"
@@ -82,7 +83,7 @@ class LinearNorm(nn.Module):
 
 @pytest.mark.parametrize('how', ['flatten01', 'flatten0-2', 'view'])
 def test_bn_after_reshape_of_linear(how):
-    rep = check_folds(LinearNorm(how), torch.randn(3, 4, 5))
+    rep = check_folds(LinearNorm(how), torch.randn(3, 4, 5), sample=how == 'flatten01') # `flatten(0, 1)` is 2-D only of a 3-D input
     assert rep.folded[0].where == 'after' and 'through `' in str(rep)
 
 def test_bn_after_flatten_of_conv():
@@ -112,7 +113,7 @@ joined_in = lambda: (torch.randint(0, 10, (6,)), torch.randn(6, 4), torch.randn(
 
 @pytest.mark.parametrize('pos,cols', [(0, '0-3'), (1, '3-6'), (2, '8-11')])
 def test_bn_before_linear_through_cat(pos, cols):
-    rep = check_folds(Joined(pos), *joined_in())
+    rep = check_folds(Joined(pos), *joined_in(), sample=True)
     assert f'  folded `bn` into columns {cols} of `lin`' in str(rep)
 
 # fastai's TabularModel: embeddings -> cat -> emb_drop, bn_cont(x_cont), cat of both -> LinBnDrop layers
@@ -131,14 +132,14 @@ def test_tabular_model_folds_every_bn(name):
     m = TabularModel(**kw)
     n = len(kw['emb_szs'])
     rep = check_folds(m, torch.stack([torch.randint(0, s[0], (8,)) for s in kw['emb_szs']], 1) if n else torch.zeros(8, 0, dtype=torch.long),
-                      torch.randn(8, kw['n_cont']))
+                      torch.randn(8, kw['n_cont']), sample=True)
     assert len(rep.folded) == len(bn_layers(m)), rep
     if name == 'default': assert '  folded `bn_cont` into columns 7-11 of `layers.0.0`' in str(rep)
 
 def test_tabular_model_without_continuous():
     "With no continuous input, `bn_cont` (BatchNorm1d(0)) is never called: every BN that runs folds"
     m = TabularModel([(10, 4), (7, 3)], 0, 2, [20, 10])
-    rep = check_folds(m, torch.randint(0, 7, (8, 2)), torch.zeros(8, 0), n_left=1)
+    rep = check_folds(m, torch.randint(0, 7, (8, 2)), torch.zeros(8, 0), n_left=1, sample=True)
     assert [(l.bn, l.reason) for l in rep.left] == [('bn_cont', 'never called in `forward`')]
 
 # ---- BN before a conv that pads no zeros ----
@@ -232,7 +233,7 @@ def test_timm_mixnet_folds_every_bn(name, n_bn):
 
 def test_timm_levit_folds_every_bn():
     m = timm.create_model('levit_128', pretrained=False)
-    rep = check_folds(m, x4(3, 224)[:1])
+    rep = check_folds(m, x4(3, 224)[:1], sample=True)
     assert len(rep.folded) == 64 == len(bn_layers(m)), rep
 
 def test_two_bns_in_one_cat():
@@ -240,13 +241,13 @@ def test_two_bns_in_one_cat():
     class M(nn.Module):
         def __init__(self): super().__init__(); self.a,self.b,self.lin = nn.BatchNorm1d(3),nn.BatchNorm1d(2),nn.Linear(5, 4)
         def forward(self, x, y): return self.lin(torch.cat([self.a(x), self.b(y)], -1))
-    rep = check_folds(M(), torch.randn(6, 3), torch.randn(6, 2))
-    assert str(rep).splitlines()[1:] == ['  folded `a` into columns 0-2 of `lin`', '  folded `b` into columns 3-4 of `lin`']
+    rep = check_folds(M(), torch.randn(6, 3), torch.randn(6, 2), sample=True)
+    assert str(rep).splitlines()[2:] == ['  folded `a` into columns 0-2 of `lin`', '  folded `b` into columns 3-4 of `lin`']
 
 def test_refuses_through_a_bn_that_is_left():
     "TabularModel(lin_first=False): `bn_cont` reaches the Linear through `layers.0.0`; if that BN stays, so does `bn_cont`"
     m = TabularModel([(10, 4)], 3, 2, [8], lin_first=False)
     m.layers[0][0].register_forward_hook(lambda *a: None)
-    rep,ef,e32,scale = fold_errors(m, torch.randint(0, 10, (8, 1)), torch.randn(8, 3))
+    rep,ef,e32,scale = fold_errors(m, torch.randint(0, 10, (8, 1)), torch.randn(8, 3), sample=True)
     assert ef <= max(10*e32, 1e-6*scale)
     assert {l.bn: l.reason for l in rep.left} == {'layers.0.0': 'it has hooks', 'bn_cont': 'it reaches `layers.0.1` through `layers.0.0`, which is left'}

@@ -3,7 +3,8 @@
 For random Conv/ConvTranspose (1-3d, groups, stride, dilation, padding and padding modes, bias or not) and Linear
 layers followed by a BN with random statistics (affine or not), random `BN -> Dropout -> Linear` heads, a BN before
 random convs (left when the conv pads zeros) and a BN after a `cat` of random convs, the folded float32 model must
-match a float64 evaluation of the original to float32 rounding.
+match a float64 evaluation of the original to float32 rounding. A Linear's BN folds where its input is shown 2-D (by a
+`Flatten` or by the sample); on `(N, C, L)` it is left, and the model is unchanged, also when `L == C`.
 """
 import copy
 import torch
@@ -14,10 +15,10 @@ from fastfold.fold import BN_Folder, randomize_bn
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
-def assert_folds_exactly(model, x, seed):
+def assert_folds_exactly(model, x, seed, sample=None):
     randomize_bn(model, seed=seed).eval()
     ref = copy.deepcopy(model).double()
-    folded = BN_Folder().fold(model)
+    folded = BN_Folder().fold(model, sample)
     assert not bn_layers(folded)
     with torch.no_grad(): want,got = ref(x.double()),folded(x).double()
     tol = 1e-5 * want.abs().max().item() + 1e-6
@@ -49,12 +50,28 @@ def test_conv_then_bn_folds_exactly(case, seed):
     model, x = case
     assert_folds_exactly(model, x, seed)
 
+def linear_bn(nin, nout, bias, affine, bn_first, flat=False):
+    layers = [nn.BatchNorm1d(nin, affine=affine), nn.Dropout(0.3), nn.Linear(nin, nout, bias=bias)] if bn_first else [
+              nn.Linear(nin, nout, bias=bias), nn.BatchNorm1d(nout, affine=affine)]
+    return nn.Sequential(*[nn.Flatten()]*flat, *layers)
+
 @SETTINGS
-@given(st.integers(1, 12), st.integers(1, 12), st.booleans(), st.booleans(), st.booleans(), st.integers(0, 2**16))
-def test_linear_bn_in_either_order_folds_exactly(nin, nout, bias, affine, bn_first, seed):
-    if bn_first: model = nn.Sequential(nn.BatchNorm1d(nin, affine=affine), nn.Dropout(0.3), nn.Linear(nin, nout, bias=bias))
-    else: model = nn.Sequential(nn.Linear(nin, nout, bias=bias), nn.BatchNorm1d(nout, affine=affine))
-    assert_folds_exactly(model, torch.randn(4, nin), seed)
+@given(st.integers(1, 12), st.integers(1, 12), st.booleans(), st.booleans(), st.booleans(), st.booleans(), st.integers(0, 2**16))
+def test_linear_bn_in_either_order_folds_exactly(nin, nout, bias, affine, bn_first, flat, seed):
+    "2-D input, shown by a `Flatten` before it or else by the sample"
+    x = torch.randn(4, nin)
+    assert_folds_exactly(linear_bn(nin, nout, bias, affine, bn_first, flat), x, seed, None if flat else x)
+
+@SETTINGS
+@given(st.integers(1, 8), st.integers(1, 8), st.booleans(), st.booleans(), st.booleans(), st.booleans(), st.integers(0, 2**16))
+def test_linear_bn_on_3d_input_is_left(c, nout, bias, affine, bn_first, sample, seed):
+    "`(N, C, L)` with `L == C` (so the shapes agree): left, with or without the sample, and the outputs unchanged"
+    model = randomize_bn(linear_bn(c, c if not bn_first else nout, bias, affine, bn_first), seed=seed).eval()
+    x = torch.randn(3, c, c)
+    folder = BN_Folder()
+    folded = folder.fold(model, x if sample else None)
+    assert folder.report.folded == [] and len(folder.report.left) == 1
+    assert torch.equal(folded(x), model(x))
 
 @st.composite
 def bn_conv(draw):
