@@ -1,6 +1,8 @@
-"""What several suites share: no network for the tests that build library models (Hugging Face, ultralytics), and a
-Python prelude that makes `fastfold` impossible to import, as on a box where it is not installed."""
+"""What several suites share: no network for the tests that build library models (Hugging Face, ultralytics), a
+Python prelude that makes `fastfold` impossible to import, as on a box where it is not installed, and the tiny image
+data and one-thread setting of the FreezeBN suites."""
 import os, socket, tempfile
+import pytest
 
 def offline_env():
     "Tell Hugging Face and ultralytics they are offline, and keep ultralytics' settings in a temporary folder (not ~/.config); call before importing them"
@@ -28,3 +30,26 @@ import torch
 from fastai.learner import load_learner
 warnings.simplefilter('ignore')
 '''
+
+@pytest.fixture(autouse=True, scope='module')
+def one_torch_thread():
+    "Import into a suite of tiny tensors: one thread is faster than two there, and much faster on a busy 2-core machine"
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+def image_dls(n=16, bs=4, size=32, seed=0, shuffle=True):
+    """Random 3x`size`x`size` images labelled by which of the first two channels is brighter. `shuffle`: fastai's
+    default loaders (the training one shuffled, its last partial batch dropped); else the training batches in a fixed order"""
+    import torch
+    from torch.utils.data import TensorDataset
+    from fastai.data.core import DataLoaders
+    from fastai.data.load import DataLoader
+    g = torch.Generator().manual_seed(seed)
+    def ds(n):
+        x = torch.randn(n, 3, size, size, generator=g)
+        return TensorDataset(x, (x[:,0].mean((1,2)) > x[:,1].mean((1,2))).long())
+    if shuffle: return DataLoaders.from_dsets(ds(n), ds(n//2), bs=bs, device='cpu')
+    return DataLoaders(DataLoader(ds(n), bs=bs, shuffle=False), DataLoader(ds(n//2), bs=bs), device='cpu')

@@ -17,22 +17,7 @@ from fastai.vision.learner import vision_learner, unet_learner
 from torchvision.models import resnet18
 from timm.layers import BatchNormAct2d, SyncBatchNormAct, convert_sync_batchnorm as timm_convert_sync_batchnorm
 from fastfold.freeze import FreezeBN, freezable_bn_layers
-
-@pytest.fixture(autouse=True, scope='module')
-def one_torch_thread():
-    "These tensors are tiny: one thread is faster than two, and much faster on a busy 2-core machine"
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-def image_dls(n=16, bs=4, size=32, seed=0):
-    "Random 3x`size`x`size` images labelled by which of the first two channels is brighter"
-    g = torch.Generator().manual_seed(seed)
-    def ds(n):
-        x = torch.randn(n, 3, size, size, generator=g)
-        return TensorDataset(x, (x[:,0].mean((1,2)) > x[:,1].mean((1,2))).long())
-    return DataLoaders.from_dsets(ds(n), ds(n//2), bs=bs, device='cpu')
+from _shared import one_torch_thread, image_dls
 
 def conv_bn_net(bn=nn.BatchNorm2d, **bn_kw):
     "Conv body with 2d BN, pooled head with a BatchNorm1d"

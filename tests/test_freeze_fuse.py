@@ -3,9 +3,7 @@ import copy
 import pytest, torch
 from torch import nn
 import torch.nn.functional as F
-from torch.utils.data import TensorDataset
-from fastai.data.core import DataLoaders
-from fastai.data.load import DataLoader
+from functools import partial
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.optimizer import SGD
@@ -16,21 +14,9 @@ from fastai.vision.learner import vision_learner
 from torchvision.models import resnet18
 from timm.layers import BatchNormAct2d
 from fastfold.freeze import FreezeBN, freeze_bn, fuse_frozen_bn, freezable_bn_layers
+from _shared import one_torch_thread, image_dls as shared_image_dls
 
-@pytest.fixture(autouse=True, scope='module')
-def one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-def image_dls(n=16, bs=4, size=32, seed=0):
-    "Random images labelled by which of the first two channels is brighter, in a fixed order (no shuffle)"
-    g = torch.Generator().manual_seed(seed)
-    def ds(n):
-        x = torch.randn(n, 3, size, size, generator=g)
-        return TensorDataset(x, (x[:,0].mean((1,2)) > x[:,1].mean((1,2))).long())
-    return DataLoaders(DataLoader(ds(n), bs=bs, shuffle=False), DataLoader(ds(n//2), bs=bs), device='cpu')
+image_dls = partial(shared_image_dls, shuffle=False) # fused and unfused fits see the same batches
 
 def pretend_pretrained(model, seed=1):
     "Non-trivial BN statistics and parameters, as a pretrained model has"
