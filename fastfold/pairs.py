@@ -585,7 +585,7 @@ def _node_rank(n:fx.Node, rank:dict, flow:_Flow) -> int|None:
     if (m := flow.module(n)) is not None:
         if isinstance(m, nn.Flatten): return _flat_rank(m.start_dim, m.end_dim, r)
         if isinstance(m, nn.Embedding): return None if r is None else r+1
-        if is_bn(m): return _BN_RANK.get(getattr(bn_flavour(m), 'ndim', None), r)
+        if is_bn(m): return None if isinstance(fl := bn_flavour(m), _Overridden) else _BN_RANK.get(fl.ndim, r) # a module not shown to be a BN may reshape
         keeps = (type(m) in _RANK_MODULES or isinstance(m, _DropoutNd) or type(m).__module__ in ('torch.nn.modules.activation', 'torch.nn.modules.pooling')
                  and not isinstance(m, nn.MultiheadAttention))
         return r if keeps and _single_input(n) is not None else None

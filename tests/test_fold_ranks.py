@@ -193,3 +193,17 @@ def test_rank_read_through_bn2d_residual_and_mean(keepdim):
     assert {p.bn for p in folder.report.folded} == {'bn2d', 'bn2d2', 'bn'} and folder.report.left == [], folder.report
     x = torch.randn(2, 3, 5, 5)
     assert rel_diff(folded(x), m(x)) < 1e-5
+
+class AddsADim(nn.BatchNorm1d):
+    "Holds a BN's buffers, but its `forward` returns `(N, C, C)`: not shown to be a BN, so the rank after it is not known"
+    def forward(self, x): return super().forward(x).unsqueeze(-1).expand(-1, -1, x.shape[1])
+
+def test_rank_not_carried_through_a_module_not_shown_to_be_a_bn():
+    torch.manual_seed(0)
+    m = randomize_bn(nn.Sequential(nn.Flatten(), AddsADim(C), nn.BatchNorm1d(C), nn.Linear(C, 2))).eval()
+    x = torch.randn(4, C)
+    folder = BN_Folder()
+    folded = folder.fold(m)
+    reasons = {l.bn: l.reason for l in folder.report.left}
+    assert folder.report.folded == [] and reasons['2'].startswith(UNKNOWN), folder.report
+    assert torch.equal(folded(x), m(x))
